@@ -1,0 +1,1 @@
+"""The ``fastdense`` command line (Typer), one module per command group."""

@@ -1,0 +1,69 @@
+"""Entry point of the ``fastdense`` console script.
+
+Command modules import their heavy dependencies (torch, diffusers, deepspeed)
+inside the command functions, so ``fastdense --help`` stays fast.
+Known user errors (``ValueError`` and friends, click usage errors) become one
+line on stderr and exit code 2; set ``FASTDENSE_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+try:  # typer >= 0.20 vendors click as typer._click; older typer uses click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_exceptions
+
+from fastdense.cli import bench as bench_cmds
+from fastdense.cli import env as env_cmds
+from fastdense.cli import profile as profile_cmds
+
+app = typer.Typer(
+    name="fastdense",
+    help="Dense-reward preference alignment for text-to-image diffusion models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("env", help="Print versions, device and kernel dispatch, for bug reports.")(env_cmds.env)
+app.add_typer(bench_cmds.app, name="bench", help="Benchmarks: kernels, sampler, training step.")
+app.add_typer(profile_cmds.app, name="profile", help="torch.profiler traces of the hot paths.")
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    first_line = " ".join(str(message).strip().splitlines()) or "unknown error"
+    print(f"error: {first_line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    command = typer.main.get_command(app)
+    debug = os.environ.get("FASTDENSE_DEBUG", "0") == "1"
+    try:
+        command.main(args=argv, prog_name="fastdense", standalone_mode=False)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except typer.Abort:
+        _fail("aborted", 130)
+    except click_exceptions.NoArgsIsHelpError:
+        sys.exit(0)  # typer has printed the help already
+    except click_exceptions.ClickException as err:
+        if debug:
+            raise
+        _fail(err.format_message(), err.exit_code if err.exit_code else 2)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    main()
