@@ -1,0 +1,103 @@
+"""``fastdense bench ...``: side-by-side benchmarks printed as rich tables, rows as JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"--device {device!r} is not allowed; allowed: cpu, cuda, auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def write_json(rows: list[dict], path: Path | None) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right" if col not in ("op", "impl", "dtype", "mode") else "left")
+    for row in rows:
+        table.add_row(*(_fmt(row.get(col)) for col in columns))
+    Console().print(table)
+
+
+@app.command("kernels")
+def kernels(
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the rows as JSON to this file.")] = None,
+    n: Annotated[list[int] | None, typer.Option("--n", help="Items per call (repeatable).")] = None,
+    dtype: Annotated[list[str] | None, typer.Option("--dtype", help="fp32, bf16, fp16 (repeatable).")] = None,
+    impl: Annotated[
+        list[str] | None,
+        typer.Option("--impl", help="naive, torch, torch_compile, triton (repeatable; default: all for the device)."),
+    ] = None,
+    op: Annotated[list[str] | None, typer.Option("--op", help="log_ratio, ddim_step (repeatable).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per cell; the median is reported.")] = 10,
+) -> None:
+    """Log-ratio and sampling-step kernels side by side (SD1.5 latents 4×64×64)."""
+    from fastdense.benchmarks.kernels import DEFAULT_NS, DTYPES, default_impls, run_kernel_benchmarks
+
+    dev = resolve_device(device)
+    ns = n or list(DEFAULT_NS)
+    if any(v < 1 for v in ns):
+        raise ValueError(f"--n {ns} is not allowed; each must be >= 1")
+    dtypes = dtype or ["fp32", "bf16"]
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"--dtype {d!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    impls = impl or default_impls(dev)
+    allowed_impls = ("naive", "torch", "torch_compile", "triton")
+    for i in impls:
+        if i not in allowed_impls:
+            raise ValueError(f"--impl {i!r} is not allowed; allowed: {', '.join(allowed_impls)}")
+    if "triton" in impls and dev.type != "cuda":
+        raise ValueError("--impl triton needs --device cuda (on CPU Triton only runs interpreted, for tests)")
+    ops = op or ["log_ratio", "ddim_step"]
+    for o in ops:
+        if o not in ("log_ratio", "ddim_step"):
+            raise ValueError(f"--op {o!r} is not allowed; allowed: log_ratio, ddim_step")
+    if repeats < 1:
+        raise ValueError(f"--repeats {repeats} is not allowed; it must be >= 1")
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status("benchmarking") as status:
+        rows = run_kernel_benchmarks(
+            dev, ns=ns, dtypes=dtypes, impls=impls, ops=ops, repeats=repeats,
+            progress=lambda msg: status.update(f"benchmarking {msg}"),
+        )
+    dict_rows = [r.as_dict() for r in rows]
+    cols = ["op", "impl", "dtype", "n", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "gbps", "speedup_vs_naive",
+            "launches_fwd", "launches_bwd"]
+    print_table(f"fastdense bench kernels ({dev.type})", dict_rows, cols)
+    write_json(dict_rows, json_path)
