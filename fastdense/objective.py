@@ -1,0 +1,106 @@
+"""The dense-reward objective (DESIGN.md §1): discount weights, step estimators and
+the Plackett–Luce / ListMLE loss over a comparison group.
+
+Per trajectory j the logit is z_j = Σ_items weight_i · clip(ℓ_i); this module
+chooses the items and their weights (``exact``: every step with β·p_t;
+``sampled``: K steps drawn ∝ p_t, shared by the trajectories of a group, each
+with β/K), and turns a group's logits and rewards into a loss. The per-item
+ratios themselves come from ``fastdense.kernels.log_ratio``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastdense.errors import FastdenseError
+
+ESTIMATORS = ("exact", "sampled")
+
+
+def discount_weights(num_steps: int, gamma: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """p_t = γ^t / Σ_s γ^s for t = 0..T-1 (t = 0 is the first step, from noise). γ = 1 is uniform."""
+    if num_steps < 1:
+        raise FastdenseError(f"num_steps={num_steps} is not allowed; it must be >= 1")
+    if not 0.0 < gamma <= 1.0:
+        raise FastdenseError(f"gamma={gamma} is not allowed; it must be in (0, 1]")
+    powers = torch.full((num_steps,), float(gamma), dtype=torch.float64).pow(torch.arange(num_steps))
+    return (powers / powers.sum()).to(dtype)
+
+
+def sample_step_indices(
+    num_groups: int, num_steps: int, gamma: float, k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """[num_groups, k] step indices drawn i.i.d. ∝ p_t; one row is shared by a whole group."""
+    if k < 1:
+        raise FastdenseError(f"k={k} is not allowed; it must be >= 1")
+    p = discount_weights(num_steps, gamma)
+    return torch.multinomial(p.expand(num_groups, -1), k, replacement=True, generator=generator)
+
+
+@dataclass(frozen=True)
+class ItemPlan:
+    """Which (trajectory, step) items enter the loss, and their weights.
+
+    traj: [N] int64 trajectory index (into the batch's trajectories), step: [N] int64,
+    weight: [N] float64 (β·p_t for ``exact``, β/K for ``sampled``).
+    """
+
+    traj: torch.Tensor
+    step: torch.Tensor
+    weight: torch.Tensor
+
+
+def plan_items(
+    num_groups: int,
+    group_size: int,
+    num_steps: int,
+    *,
+    gamma: float,
+    beta: float,
+    estimator: str = "sampled",
+    k: int = 1,
+    generator: torch.Generator | None = None,
+) -> ItemPlan:
+    """Items for ``num_groups`` groups of ``group_size`` trajectories (trajectory j of group g is g·G + j)."""
+    if estimator not in ESTIMATORS:
+        raise FastdenseError(f"estimator={estimator!r} is not allowed; allowed: {', '.join(ESTIMATORS)}")
+    if beta <= 0:
+        raise FastdenseError(f"beta={beta} is not allowed; it must be > 0")
+    if group_size < 2:
+        raise FastdenseError(f"group_size={group_size} is not allowed; a comparison needs >= 2 trajectories")
+    num_traj = num_groups * group_size
+    if estimator == "exact":
+        p = discount_weights(num_steps, gamma)
+        traj = torch.arange(num_traj).repeat_interleave(num_steps)
+        step = torch.arange(num_steps).repeat(num_traj)
+        weight = (beta * p).repeat(num_traj)
+        return ItemPlan(traj, step, weight)
+    steps = sample_step_indices(num_groups, num_steps, gamma, k, generator)  # [groups, k]
+    step = steps.repeat_interleave(group_size, dim=0).reshape(-1)  # trajectories of a group share steps
+    traj = torch.arange(num_traj).repeat_interleave(k)
+    weight = torch.full((num_traj * k,), beta / k, dtype=torch.float64)
+    return ItemPlan(traj, step, weight)
+
+
+def ranking_from_rewards(rewards: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[groups, G] indices ordering each group best-first; ties broken uniformly at random."""
+    noise = torch.rand(rewards.shape, generator=generator, dtype=torch.float64).to(rewards.device)
+    # Sort by reward, then by random key: a stable sort on the key first, then on the reward.
+    by_key = torch.argsort(noise, dim=1)
+    by_reward = torch.argsort(torch.gather(rewards, 1, by_key), dim=1, descending=True, stable=True)
+    return torch.gather(by_key, 1, by_reward)
+
+
+def listmle_loss(logits: torch.Tensor, ranking: torch.Tensor) -> torch.Tensor:
+    """Plackett–Luce negative log-likelihood of ``ranking`` (best first) under ``logits``, mean over groups.
+
+    logits, ranking: [groups, G]. For G = 2 this is Bradley–Terry, -log σ(z_w − z_l).
+    """
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise FastdenseError(f"logits have shape {tuple(logits.shape)}; expected [groups, G] with G >= 2")
+    ordered = torch.gather(logits, 1, ranking)
+    # log Σ_{j>=k} exp(z_(j)) for every k, by a reversed cumulative logsumexp
+    tail_lse = torch.logcumsumexp(ordered.flip(1), dim=1).flip(1)
+    return (tail_lse - ordered)[:, :-1].sum(1).mean()
