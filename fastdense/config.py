@@ -1,0 +1,327 @@
+"""Typed training configuration, validated at the edge (DESIGN.md §3).
+
+A config is nested dataclasses; files are YAML or TOML with the same nesting;
+presets ship as package data (``fastdense/presets/*.yaml``); dotted overrides
+(``objective.gamma=0.8``) and CLI flags are applied on top. Every validation
+error names the key, the bad value and what is allowed, in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from fastdense.errors import FastdenseError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+ESTIMATORS = ("exact", "sampled")
+REFERENCES = ("init", "old", "both")
+REDUCTIONS = ("mean", "sum")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # diffusers directory or hub id; None = the shipped toy model
+    lora_rank: int = 4  # 0 = full fine-tuning
+    lora_alpha: float | None = None  # None = rank
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    compile: bool | None = None  # None = on for CUDA, off for CPU
+    attention: str = "default"
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 50
+    guidance: float = 7.5
+    eta: float = 1.0
+    rollouts_per_prompt: int = 5  # R; G of them are kept (spread across the reward range)
+    latent_dtype: str = "fp32"
+    micro_batch: int = 8
+
+
+@dataclass
+class ObjectiveConfig:
+    gamma: float = 0.9
+    beta: float = 10.0
+    clip: float = 1e-4
+    estimator: str = "sampled"
+    k: int = 3
+    reference: str = "init"
+    reduction: str = "mean"
+    group_size: int = 5  # G trajectories per comparison group (stored per prompt)
+    warmup_steps: int = 0  # updates without regularisation (logit = log π_θ alone)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-5
+    weight_decay: float = 2e-3
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    zero_stage: int = 2
+    precision: str = "fp32"
+    deepspeed_config: str | None = None  # a DeepSpeed JSON merged over the generated one
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 10
+    prompts_per_round: int = 1
+    updates_per_round: int = 10
+    groups_per_step: int = 1  # comparison groups per micro-batch
+    grad_accum: int = 4
+    buffer_prompts: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None  # one prompt per line, or DrawBench-style JSON {prompt: {...}}
+    eval_prompts: list[str] = field(default_factory=list)
+    eval_seeds: list[int] = field(default_factory=lambda: list(range(1000, 1008)))
+
+
+@dataclass
+class RewardConfig:
+    name: str = "color_fidelity"
+    batch_size: int = 8
+
+
+@dataclass
+class RunConfig:
+    out: str | None = None  # run directory; None = runs/<timestamp>
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    tensorboard: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Coerce a parsed value to the field's type, or fail naming the key."""
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise FastdenseError(f"{key}: null is not allowed; expected {text}")
+    try:
+        if hint is bool or text == "bool | None":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if hint is int or text == "int | None":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if hint is float or text == "float | None":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str or text == "str | None":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if text.startswith("list[str]"):
+            if isinstance(value, str):
+                value = [value]
+            return [str(v) for v in value]
+        if text.startswith("list[int]"):
+            if isinstance(value, (str, int)):
+                value = [int(v) for v in str(value).split(",") if v.strip()]
+            return [int(v) for v in value]
+        if text.startswith("tuple[float, float]"):
+            if isinstance(value, str):
+                value = value.split(",")
+            out = tuple(float(v) for v in value)
+            if len(out) != 2:
+                raise ValueError
+            return out
+    except (TypeError, ValueError):
+        raise FastdenseError(f"{key}={value!r} is not allowed; expected {text}") from None
+    return value
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise FastdenseError(f"unknown config key {dotted!r}; allowed: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise FastdenseError(f"{dotted} must be a table of keys, got {value!r}")
+            _apply(current, value, prefix=f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FastdenseError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml", ".json"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise FastdenseError(f"config file {str(path)!r}: unknown format; allowed: .yaml, .yml, .toml, .json")
+    except FastdenseError:
+        raise
+    except Exception as err:  # parser errors of either format
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FastdenseError(f"config file {str(path)!r} does not parse: {first}") from None
+    if not isinstance(data, dict):
+        raise FastdenseError(f"config file {str(path)!r} must hold a mapping of sections")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.rsplit(".", 1)[0] for p in resources.files("fastdense.presets").iterdir()
+                  if p.name.endswith(".yaml") and not p.name.startswith("ds_"))
+
+
+def preset_path(name: str) -> Path:
+    path = Path(str(resources.files("fastdense.presets").joinpath(f"{name}.yaml")))
+    if not path.is_file() or name.startswith("ds_"):
+        raise FastdenseError(f"unknown preset {name!r}; allowed: {', '.join(preset_names())}")
+    return path
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``section.key=value`` → nested dict; the value is parsed as YAML (numbers, lists, booleans)."""
+    import yaml
+
+    if "=" not in text:
+        raise FastdenseError(f"override {text!r} is not allowed; expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise FastdenseError(f"override key {key!r} is not allowed; expected section.key (e.g. objective.gamma)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return {parts[0]: {parts[1]: value}}
+
+
+def build_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Defaults ← preset ← config file ← overrides, then validation."""
+    cfg = Config()
+    if preset is not None:
+        _apply(cfg, read_config_file(preset_path(preset)))
+    if config_file is not None:
+        _apply(cfg, read_config_file(config_file))
+    for text in overrides or []:
+        _apply(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise FastdenseError(f"{key}={value!r} is not allowed; {allowed}")
+
+
+def _finite(v: float) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def validate(cfg: Config) -> Config:
+    o, s, t, opt, m, r = cfg.objective, cfg.sampling, cfg.train, cfg.optim, cfg.model, cfg.run
+    _check(_finite(o.gamma) and 0 < o.gamma <= 1, "objective.gamma", o.gamma, "it must be in (0, 1]")
+    _check(_finite(o.beta) and o.beta > 0, "objective.beta", o.beta, "it must be > 0")
+    _check(not math.isnan(o.clip) and o.clip > 0, "objective.clip", o.clip, "it must be > 0 (inf = no clip)")
+    _check(o.estimator in ESTIMATORS, "objective.estimator", o.estimator, f"allowed: {', '.join(ESTIMATORS)}")
+    _check(o.k >= 1, "objective.k", o.k, "it must be >= 1")
+    _check(o.reference in REFERENCES, "objective.reference", o.reference, f"allowed: {', '.join(REFERENCES)}")
+    _check(o.reduction in REDUCTIONS, "objective.reduction", o.reduction, f"allowed: {', '.join(REDUCTIONS)}")
+    _check(o.group_size >= 2, "objective.group_size", o.group_size, "a comparison group needs >= 2 trajectories")
+    _check(o.warmup_steps >= 0, "objective.warmup_steps", o.warmup_steps, "it must be >= 0")
+    _check(1 <= s.num_steps <= 1000, "sampling.num_steps", s.num_steps, "it must be in [1, 1000]")
+    _check(_finite(s.guidance) and s.guidance >= 0, "sampling.guidance", s.guidance, "it must be a number >= 0")
+    _check(_finite(s.eta) and 0 < s.eta <= 1, "sampling.eta", s.eta,
+           "it must be in (0, 1] for training (eta = 0 has no density)")
+    _check(s.rollouts_per_prompt >= o.group_size, "sampling.rollouts_per_prompt", s.rollouts_per_prompt,
+           f"it must be >= objective.group_size ({o.group_size})")
+    _check(s.latent_dtype in PRECISIONS, "sampling.latent_dtype", s.latent_dtype, f"allowed: {', '.join(PRECISIONS)}")
+    _check(s.micro_batch >= 1, "sampling.micro_batch", s.micro_batch, "it must be >= 1")
+    _check(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, "it must be >= 0 (0 = full fine-tuning)")
+    _check(m.lora_alpha is None or (_finite(m.lora_alpha) and m.lora_alpha > 0), "model.lora_alpha", m.lora_alpha,
+           "it must be > 0 or null")
+    _check(m.attention in ("default", "sdpa", "xformers"), "model.attention", m.attention,
+           "allowed: default, sdpa, xformers")
+    if m.path is not None and (m.path.startswith((".", "/", "~")) or Path(m.path).exists()):
+        _check(Path(m.path).expanduser().is_dir(), "model.path", m.path, "no such model directory")
+    _check(_finite(opt.lr) and opt.lr > 0, "optim.lr", opt.lr, "it must be > 0")
+    _check(_finite(opt.weight_decay) and opt.weight_decay >= 0, "optim.weight_decay", opt.weight_decay,
+           "it must be >= 0")
+    _check(_finite(opt.grad_clip) and opt.grad_clip >= 0, "optim.grad_clip", opt.grad_clip, "it must be >= 0 (0 = off)")
+    _check(all(_finite(b) and 0 <= b < 1 for b in opt.betas), "optim.betas", opt.betas, "each must be in [0, 1)")
+    _check(opt.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", opt.lr_schedule,
+           f"allowed: {', '.join(LR_SCHEDULES)}")
+    _check(opt.lr_warmup_steps >= 0, "optim.lr_warmup_steps", opt.lr_warmup_steps, "it must be >= 0")
+    _check(opt.zero_stage in (0, 1, 2, 3), "optim.zero_stage", opt.zero_stage, "allowed: 0, 1, 2, 3")
+    _check(opt.precision in PRECISIONS, "optim.precision", opt.precision, f"allowed: {', '.join(PRECISIONS)}")
+    if opt.deepspeed_config is not None:
+        _check(Path(opt.deepspeed_config).is_file(), "optim.deepspeed_config", opt.deepspeed_config,
+               "no such file")
+    for key in ("rounds", "prompts_per_round", "updates_per_round", "groups_per_step", "grad_accum",
+                "buffer_prompts"):
+        _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "it must be >= 1")
+    _check(t.seed >= 0, "train.seed", t.seed, "it must be >= 0")
+    d = cfg.data
+    if d.prompts_file is not None:
+        _check(Path(d.prompts_file).is_file(), "data.prompts_file", d.prompts_file, "no such file")
+    _check(all(p.strip() for p in d.prompts), "data.prompts", d.prompts, "prompts must not be empty strings")
+    _check(cfg.reward.batch_size >= 1, "reward.batch_size", cfg.reward.batch_size, "it must be >= 1")
+    _check(r.checkpoint_every >= 1, "run.checkpoint_every", r.checkpoint_every, "it must be >= 1")
+    _check(r.keep_last >= 1, "run.keep_last", r.keep_last, "it must be >= 1")
+    _check(r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:"), "run.device", r.device,
+           "allowed: auto, cpu, cuda, cuda:N")
+    return cfg
