@@ -1,0 +1,218 @@
+"""``fastdense sample``: generate images (and optionally x̂0 trajectory pictures).
+
+Writes one PNG per image (``PPP_II.png``: prompt PPP, image II), ``grid.png`` (a row
+per prompt) and ``samples.json`` (file, prompt, seed of each image) into ``--out``.
+With ``--trajectory`` also ``PPP_II_trajectory.png``: the decoded x̂0 prediction at
+the chosen steps, then the final image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fastdense.errors import FastdenseError
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
+    """Prompts from the arguments, then from the file (one per non-blank line)."""
+    result: list[str] = []
+    for p in prompts or []:
+        if not p.strip():
+            raise FastdenseError("empty prompt given; every prompt needs some text")
+        result.append(p)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise FastdenseError(f"--prompts-file {prompts_file} does not exist or is not a file")
+        try:
+            lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise FastdenseError(f"--prompts-file {prompts_file} cannot be read ({err})") from None
+        from_file = [line.strip() for line in lines if line.strip()]
+        if not from_file:
+            raise FastdenseError(f"--prompts-file {prompts_file} holds no prompts (only blank lines)")
+        result.extend(from_file)
+    if not result:
+        raise FastdenseError("no prompts: give prompts as arguments or --prompts-file FILE")
+    return result
+
+
+def parse_steps(spec: str | None, num_steps: int, default_count: int = 5) -> list[int]:
+    """``--trajectory-steps``: comma-separated step indices; default evenly spaced over the chain."""
+    if spec is None or not spec.strip():
+        count = min(default_count, num_steps)
+        if count == 1:
+            return [0]
+        return sorted({round(i * (num_steps - 1) / (count - 1)) for i in range(count)})
+    steps = []
+    for part in spec.split(","):
+        try:
+            s = int(part.strip())
+        except ValueError:
+            raise FastdenseError(f"--trajectory-steps {spec!r}: {part.strip()!r} is not an integer") from None
+        if not 0 <= s < num_steps:
+            raise FastdenseError(f"--trajectory-steps: step {s} is out of range; allowed: 0..{num_steps - 1}")
+        steps.append(s)
+    return sorted(set(steps))
+
+
+def check_args(*, steps: int, guidance: float, num_images: int, eta: float, micro_batch: int) -> None:
+    if steps < 1:
+        raise FastdenseError(f"--steps {steps} is not allowed; allowed: >= 1")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise FastdenseError(f"--guidance {guidance} is not allowed; allowed: a finite number >= 0")
+    if num_images < 1:
+        raise FastdenseError(f"--num-images {num_images} is not allowed; allowed: >= 1")
+    if not math.isfinite(eta) or eta < 0:
+        raise FastdenseError(f"--eta {eta} is not allowed; allowed: a finite number >= 0 (1 for training)")
+    if micro_batch < 1:
+        raise FastdenseError(f"--micro-batch {micro_batch} is not allowed; allowed: >= 1")
+
+
+def _resolve_device(device: str):
+    import torch
+
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise FastdenseError(f"--device {device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FastdenseError(f"--device {device} was asked for but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def _to_pil(image):
+    """[3, H, W] float in [0, 1] → PIL image."""
+    import torch
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to("cpu", dtype=torch.uint8)
+    return Image.fromarray(array.permute(1, 2, 0).numpy())
+
+
+def _grid(images, rows: int, cols: int, pad: int = 2):
+    """Tile [N, 3, H, W] images (row-major) into one PIL image."""
+    from PIL import Image
+
+    h, w = images.shape[-2:]
+    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), (255, 255, 255))
+    for k in range(images.shape[0]):
+        r, c = divmod(k, cols)
+        grid.paste(_to_pil(images[k]), (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
+
+
+def sample(
+    prompts: Annotated[
+        list[str] | None, typer.Argument(help="Prompts (or use --prompts-file).", show_default=False)
+    ] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option("--prompts-file", help="A file with one prompt per line.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="A diffusers pipeline directory (or hub id where reachable).")
+    ] = None,
+    lora: Annotated[Path | None, typer.Option("--lora", help="A LoRA adapter directory to sample with.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("out/samples"),
+    num_images: Annotated[int, typer.Option("--num-images", help="Images per prompt.")] = 1,
+    steps: Annotated[int, typer.Option("--steps", help="DDIM steps.")] = 50,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1 = none).")] = 7.5,
+    eta: Annotated[float, typer.Option("--eta", help="DDIM eta (1 = stochastic, as in training).")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Image k uses seed + k (reproducible).")] = 0,
+    trajectory: Annotated[
+        bool, typer.Option("--trajectory", help="Also write a picture of x̂0 at chosen steps per image.")
+    ] = False,
+    trajectory_steps: Annotated[
+        str | None, typer.Option("--trajectory-steps", help="Comma-separated steps for --trajectory (default: 5).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: fp32, bf16 or fp16.")] = "fp32",
+    micro_batch: Annotated[int, typer.Option("--micro-batch", help="Images per UNet call.")] = 8,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the UNet (default: on CUDA only).")
+    ] = None,
+    attention: Annotated[str, typer.Option("--attention", help="default, sdpa or xformers (CUDA).")] = "default",
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow model components with custom code.")
+    ] = False,
+) -> None:
+    """Generate images with DDIM + classifier-free guidance; writes PNGs and a grid."""
+    check_args(steps=steps, guidance=guidance, num_images=num_images, eta=eta, micro_batch=micro_batch)
+    prompt_list = read_prompts(prompts, prompts_file)
+    if model is None:
+        raise FastdenseError("--model DIR is required (a diffusers pipeline directory, e.g. a Stable Diffusion 1.5)")
+    if dtype not in DTYPES:
+        raise FastdenseError(f"--dtype {dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    if lora is not None and not lora.exists():
+        raise FastdenseError(f"--lora {lora} does not exist")
+    traj_steps = parse_steps(trajectory_steps, steps) if trajectory else []
+    if out.exists() and not out.is_dir():
+        raise FastdenseError(f"--out {out} exists and is not a directory")
+
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fastdense.models.loading import load_pipeline_parts
+    from fastdense.sampler import Sampler, decode
+
+    console = Console(stderr=True)
+    dev = _resolve_device(device)
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    parts = load_pipeline_parts(model, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code, lora=lora)
+
+    all_prompts = [p for p in prompt_list for _ in range(num_images)]
+    total = len(all_prompts)
+    sampler = Sampler(parts, micro_batch=min(micro_batch, total), compile=compile, attention=attention)
+    with Progress(
+        TextColumn("sampling"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("sampling", total=total * steps)
+        traj = sampler.sample(
+            all_prompts,
+            num_steps=steps,
+            guidance=guidance,
+            eta=eta,
+            seed=seed,
+            record_x0_steps=traj_steps,
+            progress=lambda n: bar.advance(task, n),
+        )
+    images = decode(parts, traj.final_latents)
+
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for k in range(total):
+        p_idx, i_idx = divmod(k, num_images)
+        name = f"{p_idx:03d}_{i_idx:02d}"
+        _to_pil(images[k]).save(out / f"{name}.png")
+        record = {"file": f"{name}.png", "prompt": all_prompts[k], "seed": seed + k}
+        if trajectory:
+            x0 = traj.x0[k]  # [S, C, h, w]
+            pics = torch.cat([decode(parts, x0), images[k : k + 1]])
+            _grid(pics, 1, pics.shape[0]).save(out / f"{name}_trajectory.png")
+            record["trajectory"] = f"{name}_trajectory.png"
+            record["trajectory_steps"] = traj_steps
+        records.append(record)
+    _grid(images, len(prompt_list), num_images).save(out / "grid.png")
+    meta = {
+        "model": str(model),
+        "lora": str(lora) if lora is not None else None,
+        "steps": steps,
+        "guidance": guidance,
+        "eta": eta,
+        "seed": seed,
+        "images": records,
+    }
+    (out / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
+    console.print(f"wrote {total} images, grid.png and samples.json to {out}")

@@ -1,0 +1,98 @@
+"""Text embeddings, computed once per unique prompt and cached.
+
+Matches ``StableDiffusionPipeline.encode_prompt`` (no clip skip, no LoRA on the text
+encoder): tokens padded to ``tokenizer.model_max_length``, truncated, the attention
+mask passed only when the encoder's config asks for it, the last hidden state in
+the encoder's dtype. The unconditional embedding is the one of ``""``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from fastdense.errors import FastdenseError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class PromptEncoder:
+    """Cache of text embeddings ``[L, D]`` keyed by prompt string.
+
+    ``encode(prompts)`` runs the text encoder once, batched, on the prompts not seen
+    before (``batch_size`` at a time). ``calls`` counts text-encoder forward passes and
+    ``encoded`` the prompts actually encoded, so callers and tests can see the cache work.
+    """
+
+    def __init__(self, tokenizer, text_encoder, *, device=None, batch_size: int = 64, max_length: int | None = None):
+        import torch
+
+        if batch_size < 1:
+            raise FastdenseError(f"batch_size={batch_size} is not allowed; allowed: >= 1")
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        param = next(text_encoder.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.dtype = param.dtype
+        self.batch_size = batch_size
+        self.max_length = int(max_length or tokenizer.model_max_length)
+        self._cache: dict[str, torch.Tensor] = {}
+        self.calls = 0
+        self.encoded = 0
+
+    @classmethod
+    def from_parts(cls, parts, **kwargs) -> PromptEncoder:
+        return cls(parts.tokenizer, parts.text_encoder, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __contains__(self, prompt: str) -> bool:
+        return prompt in self._cache
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def _run(self, prompts: list[str]) -> torch.Tensor:
+        import torch
+
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(self.device)
+        with torch.no_grad():
+            out = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)
+        self.calls += 1
+        self.encoded += len(prompts)
+        return out[0].to(dtype=self.dtype, device=self.device)
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Embeddings ``[len(prompts), L, D]`` (a new tensor; cached rows are not aliased)."""
+        import torch
+
+        if isinstance(prompts, str):
+            raise FastdenseError("prompts must be a list of strings, not one string")
+        prompts = list(prompts)
+        for p in prompts:
+            if not isinstance(p, str):
+                raise FastdenseError(f"prompts must be strings, got {type(p).__name__}")
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            emb = self._run(chunk)
+            for p, e in zip(chunk, emb, strict=True):
+                self._cache[p] = e
+        if not prompts:
+            raise FastdenseError("no prompts to encode")
+        return torch.stack([self._cache[p] for p in prompts])
+
+    def unconditional(self) -> torch.Tensor:
+        """The embedding ``[L, D]`` of the empty prompt (CFG's unconditional branch)."""
+        return self.encode([""])[0]
