@@ -10,7 +10,6 @@ FASTDENSE_TEST_COMPILE=1 to run it.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -470,11 +469,10 @@ def test_squared_residual_bad_inputs():
 
 
 # ---------------------------------------------------------------------------
-# torch.compile (opt-in: compiling costs ~30 s on CPU)
+# torch.compile (one small case: compiling costs ~30 s cold on CPU)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FASTDENSE_TEST_COMPILE") != "1", reason="set FASTDENSE_TEST_COMPILE=1")
 def test_torch_compile_matches_reference():
     case = make_case(5, (3, 5, 7), r=2)
     clip = pick_clip(log_ratio_reference(**to64(case)).ratio)
