@@ -43,11 +43,12 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     from rich.table import Table
 
     table = Table(title=title)
+    console = Console() if Console().is_terminal else Console(width=220)  # piped output: never truncate
     for col in columns:
         table.add_column(col, justify="right" if col not in ("op", "impl", "dtype", "mode") else "left")
     for row in rows:
         table.add_row(*(_fmt(row.get(col)) for col in columns))
-    Console().print(table)
+    console.print(table)
 
 
 @app.command("kernels")

@@ -187,6 +187,7 @@ def sample(
             seed=seed,
             record_x0_steps=traj_steps,
             progress=lambda n: bar.advance(task, n),
+            record=False,  # images only: two latent slots instead of the whole chain
         )
     images = decode(parts, traj.final_latents)
 

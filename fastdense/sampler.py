@@ -275,6 +275,7 @@ class Sampler:
         ref_residual: bool = False,
         progress: Callable[[int], None] | None = None,
         generator_device: torch.device | str | None = None,
+        record: bool = True,
     ) -> Trajectories:
         """Sample one trajectory per prompt (repeat a prompt for several images).
 
@@ -288,6 +289,9 @@ class Sampler:
         called after each step of each micro-batch with the micro-batch's sample count.
         ``generator_device``: where the seeded generators live (default: the UNet's device;
         ``"cpu"`` gives the same noise on every device). Noise is drawn in fp32.
+        ``record=False``: keep only two latent slots (ping-pong) instead of the whole chain, for
+        plain image generation; ``latents`` is then ``[B, 2, C, H, W]`` with the final latent last,
+        and the per-step residuals are still returned (they cost nothing extra in the fused step).
         """
         if isinstance(prompts, str):
             raise FastdenseError("prompts must be a list of strings, not one string")
@@ -338,7 +342,10 @@ class Sampler:
         # Records, allocated once.
         dev = self.device
         C, H, W = self.latent_shape
-        latents = torch.empty((B, T + 1, C, H, W), dtype=latent_dtype, device=dev)
+        num_slots = T + 1 if record else 2
+        # without recording, start in the slot that makes the final latent land in slot 1 (= -1)
+        slot_offset = 0 if record else (T + 1) % 2
+        latents = torch.empty((B, num_slots, C, H, W), dtype=latent_dtype, device=dev)
         sq = torch.empty((B, T), dtype=torch.float32, device=dev)
         ref_sq = torch.empty((B, T), dtype=torch.float32, device=dev) if extra_ref_pass else None
         x0 = torch.empty((B, len(steps_x0), C, H, W), dtype=latent_dtype, device=dev) if steps_x0 else None
@@ -374,11 +381,11 @@ class Sampler:
 
                 for j, g in enumerate(g_mb):  # initial noise, as diffusers' prepare_latents draws it
                     _randn_into(noise[j], g)
-                latents[start:stop, 0].copy_(noise[:n])
+                latents[start:stop, slot_offset % num_slots].copy_(noise[:n])
 
                 for t in range(T):
-                    x = latents[start:stop, t]
-                    x_next = latents[start:stop, t + 1]
+                    x = latents[start:stop, (t + slot_offset) % num_slots]
+                    x_next = latents[start:stop, (t + 1 + slot_offset) % num_slots]
                     model_in[:n].copy_(x)
                     if cfg:
                         model_in[mb : mb + n].copy_(x)
@@ -436,7 +443,7 @@ class Sampler:
             x0=x0,
             x0_steps=steps_x0,
             policy_has_adapters=policy_adapters,
-            info={"micro_batch": mb, "compiled": self.compile, "attention": self.attention},
+            info={"micro_batch": mb, "compiled": self.compile, "attention": self.attention, "recorded": record},
         )
 
 

@@ -297,3 +297,18 @@ def test_defaults_and_bad_arguments(parts, sampler):
         prompts = kwargs.pop("prompts")
         with pytest.raises(FastdenseError, match=match):
             sampler.sample(prompts, **kwargs)
+
+
+def test_sampling_without_recording_gives_the_same_final_latents(tmp_path):
+    from fastdense.models import build_tiny_pipeline, load_pipeline_parts
+    from fastdense.sampler import Sampler
+
+    parts = load_pipeline_parts(build_tiny_pipeline(tmp_path / "m"))
+    sampler = Sampler(parts)
+    for steps in (3, 4):  # odd and even chains end in different ping-pong slots
+        full = sampler.sample(["a red circle", "a blue square"], num_steps=steps, guidance=3.0, seed=7)
+        light = sampler.sample(["a red circle", "a blue square"], num_steps=steps, guidance=3.0, seed=7,
+                               record=False)
+        assert light.latents.shape[1] == 2 and not light.info["recorded"]
+        assert torch.equal(light.final_latents, full.final_latents)
+        assert torch.equal(light.sq_residual, full.sq_residual)
