@@ -102,3 +102,49 @@ def kernels(
             "launches_fwd", "launches_bwd"]
     print_table(f"fastdense bench kernels ({dev.type})", dict_rows, cols)
     write_json(dict_rows, json_path)
+
+
+@app.command("sampler")
+def sampler(
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the rows as JSON to this file.")] = None,
+    batch: Annotated[int, typer.Option(help="Trajectories per call (one UNet micro-batch).")] = 8,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps (default 20 on CPU, 50 with --gpu-shapes).")] = None,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    repeats: Annotated[int, typer.Option(help="Timed repeats; the median is reported.")] = 3,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="Also time torch.compile'd runs.")] = True,
+    gpu_shapes: Annotated[
+        bool, typer.Option("--gpu-shapes/--tiny", help="SD1.5-shaped UNet at 64x64 latents (default on CUDA).")
+    ] = None,
+) -> None:
+    """Our recording sampler vs the same loop without recording vs diffusers' pipeline."""
+    import math
+
+    dev = resolve_device(device)
+    if batch < 1:
+        raise ValueError(f"--batch {batch} is not allowed; it must be >= 1")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps {steps} is not allowed; it must be >= 1")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"--guidance {guidance} is not allowed; it must be a finite number >= 0")
+    if repeats < 1:
+        raise ValueError(f"--repeats {repeats} is not allowed; it must be >= 1")
+    if gpu_shapes is None:
+        gpu_shapes = dev.type == "cuda"
+
+    from rich.console import Console
+
+    from fastdense.benchmarks.sampler import run_sampler_benchmarks
+
+    console = Console(stderr=True)
+    with console.status("benchmarking") as status:
+        rows = run_sampler_benchmarks(
+            dev, gpu_shapes=gpu_shapes, batch=batch, steps=steps, guidance=guidance, repeats=repeats,
+            compile_modes=(False, True) if compile else (False,),
+            progress=lambda msg: status.update(f"benchmarking {msg}"),
+        )
+    dict_rows = [r.as_dict() for r in rows]
+    cols = ["impl", "compiled", "batch", "steps", "seconds_per_trajectory", "total_s", "peak_mem_mb",
+            "record_overhead", "speedup_vs_diffusers_eager"]
+    print_table(f"fastdense bench sampler ({dev.type}, {rows[0].model})", dict_rows, cols)
+    write_json(dict_rows, json_path)
