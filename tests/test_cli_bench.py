@@ -1,0 +1,74 @@
+"""The benchmark, profile and env commands run end to end (tiny sizes) and fail cleanly."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastdense.cli.main import main
+
+FASTDENSE = [sys.executable, "-m", "fastdense.cli.main"]
+
+
+def test_bench_kernels_writes_rows(tmp_path, capsys):
+    out = tmp_path / "k.json"
+    main(["bench", "kernels", "--device", "cpu", "--n", "2", "--dtype", "fp32", "--impl", "naive",
+          "--impl", "torch", "--repeats", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert {(r["op"], r["impl"]) for r in rows} == {
+        ("log_ratio", "naive"), ("log_ratio", "torch"), ("ddim_step", "naive"), ("ddim_step", "torch")}
+    for r in rows:
+        for key in ("op", "impl", "dtype", "n", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "gbps"):
+            assert key in r
+        assert r["fwd_ms"] > 0 and r["n"] == 2
+    lr_torch = next(r for r in rows if r["op"] == "log_ratio" and r["impl"] == "torch")
+    assert lr_torch["bwd_ms"] > 0 and lr_torch["gbps"] > 0 and lr_torch["speedup_vs_naive"] > 0
+    assert "log_ratio" in capsys.readouterr().out
+
+
+def test_bench_sampler_writes_rows(tmp_path):
+    out = tmp_path / "s.json"
+    main(["bench", "sampler", "--device", "cpu", "--no-compile", "--batch", "2", "--steps", "2",
+          "--repeats", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert {r["impl"] for r in rows} == {"fastdense", "fastdense_norecord", "diffusers"}
+    for r in rows:
+        assert r["seconds_per_trajectory"] > 0 and r["batch"] == 2 and r["steps"] == 2
+        assert "peak_mem_mb" in r and r["compiled"] is False
+
+
+def test_profile_kernels_writes_a_chrome_trace(tmp_path, capsys):
+    main(["profile", "kernels", "--device", "cpu", "--impl", "torch", "--n", "2", "--steps", "1",
+          "--out", str(tmp_path / "prof")])
+    traces = list((tmp_path / "prof").glob("*.json"))
+    assert len(traces) == 1
+    trace = json.loads(traces[0].read_text())
+    assert trace["traceEvents"]
+    assert "Self CPU" in capsys.readouterr().out
+
+
+def test_env_json_names_dispatch():
+    res = subprocess.run([*FASTDENSE, "env", "--json"], capture_output=True, text=True, check=True)
+    info = json.loads(res.stdout)
+    for key in ("torch", "triton", "diffusers", "peft", "deepspeed", "device", "triton mode",
+                "kernel impl (auto, cpu)"):
+        assert key in info
+    assert info["kernel impl (auto, cpu)"] in ("torch", "triton")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["bench", "kernels", "--device", "tpu"], "--device 'tpu'"),
+    (["bench", "kernels", "--device", "cpu", "--dtype", "fp8"], "--dtype 'fp8'"),
+    (["bench", "kernels", "--device", "cpu", "--impl", "triton"], "--impl triton needs --device cuda"),
+    (["bench", "kernels", "--device", "cpu", "--n", "0"], "--n"),
+    (["bench", "kernels", "--bogus"], "No such option"),
+    (["bench", "sampler", "--device", "cpu", "--batch", "0"], "--batch 0"),
+    (["profile", "kernels", "--device", "cpu", "--dtype", "int8"], "--dtype 'int8'"),
+])
+def test_bad_arguments_are_one_line_errors(args, needle):
+    res = subprocess.run([*FASTDENSE, *args], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
