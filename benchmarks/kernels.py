@@ -9,12 +9,14 @@ once; DESIGN.md §1) and the bandwidth that implies.
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 
-from fastdense.benchmarks.timing import count_cuda_kernels, median_ms
+from fastdense.benchmarks.timing import count_cuda_kernels, sync
 
 LATENT_SHAPE = (4, 64, 64)  # SD1.5 latents at 512×512
 DEFAULT_NS = (8, 32, 128)
@@ -114,55 +116,63 @@ def _min_bytes_log_ratio(inp: LogRatioInputs) -> tuple[int, int]:
     return fwd, bwd
 
 
-def bench_log_ratio(impl: str, n: int, dtype_name: str, device: torch.device, repeats: int) -> KernelRow:
+@dataclass
+class TimedCase:
+    """One (op, impl, dtype, n) cell: timed phases (fn, untimed setup) and how to make its row."""
+
+    phases: dict[str, tuple[Callable[[], object], Callable[[], object] | None]]
+    make_row: Callable[[dict[str, float]], KernelRow]
+
+
+def log_ratio_case(impl: str, n: int, dtype_name: str, device: torch.device) -> TimedCase:
     inp = make_log_ratio_inputs(n, DTYPES[dtype_name], device)
     for t in (inp.eps_u, inp.eps_c):
         t.requires_grad_(True)
     call = _log_ratio_call(impl, inp)
     upstream = torch.randn(inp.num_traj, device=device)
-
-    def fwd():
-        with torch.no_grad():
-            return call()
-
-    def fwd_grad():
-        return call()
-
-    def fwd_bwd():
-        out = call()
-        out.backward(upstream)
-
     state: dict[str, torch.Tensor] = {}
-
-    def setup_bwd():
-        inp.eps_u.grad = inp.eps_c.grad = None
-        state["out"] = call()
-
-    def bwd():
-        state["out"].backward(upstream)
 
     def reset_grads():
         inp.eps_u.grad = inp.eps_c.grad = None
 
-    fwd_ms = median_ms(fwd_grad, device, repeats=repeats)
-    bwd_ms = median_ms(bwd, device, repeats=repeats, setup=setup_bwd)
-    fwd_bwd_ms = median_ms(fwd_bwd, device, repeats=repeats, setup=reset_grads)
+    def setup_bwd():
+        reset_grads()
+        state["out"] = call()  # the forward whose backward is timed (graph built, as in training)
+
+    def fwd_bwd():
+        call().backward(upstream)
+
+    def fwd_no_grad():
+        with torch.no_grad():
+            return call()
+
     min_fwd, min_bwd = _min_bytes_log_ratio(inp)
-    launches_fwd = count_cuda_kernels(fwd)
-    launches_bwd = None
-    if launches_fwd is not None:
-        setup_bwd()
-        launches_bwd = count_cuda_kernels(bwd)
-    return KernelRow(
-        op="log_ratio", impl=impl, dtype=dtype_name, n=n, d=inp.x[0].numel(),
-        fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_bwd_ms=fwd_bwd_ms, min_bytes_fwd=min_fwd, min_bytes_bwd=min_bwd,
-        gbps=(min_fwd + min_bwd) / (fwd_bwd_ms * 1e-3) / 1e9,
-        fwd_gbps=min_fwd / (fwd_ms * 1e-3) / 1e9, bwd_gbps=min_bwd / (bwd_ms * 1e-3) / 1e9,
-        launches_fwd=launches_fwd, launches_bwd=launches_bwd, device=device.type,
+
+    def make_row(ms: dict[str, float]) -> KernelRow:
+        launches_fwd = count_cuda_kernels(fwd_no_grad)
+        launches_bwd = None
+        if launches_fwd is not None:
+            setup_bwd()
+            launches_bwd = count_cuda_kernels(lambda: state["out"].backward(upstream))
+        return KernelRow(
+            op="log_ratio", impl=impl, dtype=dtype_name, n=n, d=inp.x[0].numel(),
+            fwd_ms=ms["fwd"], bwd_ms=ms["bwd"], fwd_bwd_ms=ms["fwd_bwd"], min_bytes_fwd=min_fwd,
+            min_bytes_bwd=min_bwd, gbps=(min_fwd + min_bwd) / (ms["fwd_bwd"] * 1e-3) / 1e9,
+            fwd_gbps=min_fwd / (ms["fwd"] * 1e-3) / 1e9, bwd_gbps=min_bwd / (ms["bwd"] * 1e-3) / 1e9,
+            launches_fwd=launches_fwd, launches_bwd=launches_bwd, device=device.type,
+        )
+
+    return TimedCase(
+        phases={
+            "fwd": (call, reset_grads),  # forward with grad-requiring inputs, as in training
+            "bwd": (lambda: state["out"].backward(upstream), setup_bwd),
+            "fwd_bwd": (fwd_bwd, reset_grads),
+        },
+        make_row=make_row,
     )
 
 
-def bench_ddim_step(impl: str, n: int, dtype_name: str, device: torch.device, repeats: int) -> KernelRow:
+def ddim_step_case(impl: str, n: int, dtype_name: str, device: torch.device) -> TimedCase:
     """The sampling-step op: reads ε_u, ε_c, x, z, writes x' (fp32 slot) and one scalar per sample."""
     from fastdense.kernels.ddim_step import ddim_step
 
@@ -182,14 +192,28 @@ def bench_ddim_step(impl: str, n: int, dtype_name: str, device: torch.device, re
     else:
         def call():
             return ddim_step(x, eps_c, eps_u, z, 0.99, -0.07, 0.1, 7.5, out, impl=impl)
-    fwd_ms = median_ms(call, device, repeats=repeats)
     d = math.prod(LATENT_SHAPE)
     min_fwd = n * d * (2 * eps_u.element_size() + 3 * 4) + n * 4
-    return KernelRow(
-        op="ddim_step", impl=impl, dtype=dtype_name, n=n, d=d, fwd_ms=fwd_ms, bwd_ms=None, fwd_bwd_ms=None,
-        min_bytes_fwd=min_fwd, min_bytes_bwd=None, gbps=None, fwd_gbps=min_fwd / (fwd_ms * 1e-3) / 1e9,
-        bwd_gbps=None, launches_fwd=count_cuda_kernels(call), launches_bwd=None, device=device.type,
-    )
+
+    def make_row(ms: dict[str, float]) -> KernelRow:
+        return KernelRow(
+            op="ddim_step", impl=impl, dtype=dtype_name, n=n, d=d, fwd_ms=ms["fwd"], bwd_ms=None,
+            fwd_bwd_ms=None, min_bytes_fwd=min_fwd, min_bytes_bwd=None, gbps=None,
+            fwd_gbps=min_fwd / (ms["fwd"] * 1e-3) / 1e9, bwd_gbps=None, launches_fwd=count_cuda_kernels(call),
+            launches_bwd=None, device=device.type,
+        )
+
+    return TimedCase(phases={"fwd": (call, None)}, make_row=make_row)
+
+
+def _time_once(fn: Callable[[], object], setup: Callable[[], object] | None, device: torch.device) -> float:
+    if setup is not None:
+        setup()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
 
 
 def default_impls(device: torch.device) -> list[str]:
@@ -206,23 +230,37 @@ def run_kernel_benchmarks(
     impls: Iterable[str] | None = None,
     ops: Iterable[str] = ("log_ratio", "ddim_step"),
     repeats: int = 10,
+    warmup: int = 2,
     progress: Callable[[str], None] | None = None,
 ) -> list[KernelRow]:
+    """Median times per cell; the implementations of one (op, dtype, n) are timed round-robin,
+    repeat by repeat, so that drift of a shared machine hits them alike."""
     impls = list(impls) if impls is not None else default_impls(device)
     rows: list[KernelRow] = []
     for op in ops:
-        bench = bench_log_ratio if op == "log_ratio" else bench_ddim_step
+        make_case = log_ratio_case if op == "log_ratio" else ddim_step_case
         for dtype_name in dtypes:
             for n in ns:
-                naive_ms = None
-                for impl in impls:
-                    if progress is not None:
-                        progress(f"{op} {impl} {dtype_name} n={n}")
-                    row = bench(impl, n, dtype_name, device, repeats)
-                    key = row.fwd_bwd_ms if row.fwd_bwd_ms is not None else row.fwd_ms
-                    if impl == "naive":
-                        naive_ms = key
-                    elif naive_ms is not None:
-                        row.speedup_vs_naive = naive_ms / key
-                    rows.append(row)
+                if progress is not None:
+                    progress(f"{op} {dtype_name} n={n}: {', '.join(impls)}")
+                cases = {impl: make_case(impl, n, dtype_name, device) for impl in impls}
+                for case in cases.values():
+                    for fn, setup in case.phases.values():
+                        for _ in range(warmup):
+                            _time_once(fn, setup, device)
+                times = {impl: {ph: [] for ph in case.phases} for impl, case in cases.items()}
+                for _ in range(repeats):
+                    for impl, case in cases.items():
+                        for ph, (fn, setup) in case.phases.items():
+                            times[impl][ph].append(_time_once(fn, setup, device))
+                cell = [case.make_row({ph: statistics.median(v) for ph, v in times[impl].items()})
+                        for impl, case in cases.items()]
+                naive = next((r for r in cell if r.impl == "naive"), None)
+                for row in cell:
+                    if naive is not None and row is not naive:
+                        key = row.fwd_bwd_ms if row.fwd_bwd_ms is not None else row.fwd_ms
+                        naive_key = naive.fwd_bwd_ms if naive.fwd_bwd_ms is not None else naive.fwd_ms
+                        row.speedup_vs_naive = naive_key / key
+                rows.extend(cell)
+                del cases
     return rows
