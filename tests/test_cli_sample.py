@@ -13,23 +13,9 @@ import torch
 from PIL import Image
 
 from fastdense.cli.main import main
-from fastdense.models.tiny import build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 FASTDENSE = Path(sys.executable).parent / "fastdense"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:

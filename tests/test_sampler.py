@@ -17,20 +17,6 @@ from fastdense.sampler import Sampler, Trajectories, decode, make_generators, sa
 PROMPTS = ["a red cat", "the dog", "a cat and a dog"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny shapes: one intra-op thread is fastest, and far faster on a shared, busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model")
-
-
 @pytest.fixture(scope="module")
 def parts(tiny_dir):
     return load_pipeline_parts(tiny_dir)
