@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 
-from fastdense.benchmarks.timing import count_cuda_kernels, sync
+from fastdense.benchmarks.timing import count_cuda_kernels, time_once_ms
 
 LATENT_SHAPE = (4, 64, 64)  # SD1.5 latents at 512×512
 DEFAULT_NS = (8, 32, 128)
@@ -206,16 +205,6 @@ def ddim_step_case(impl: str, n: int, dtype_name: str, device: torch.device) -> 
     return TimedCase(phases={"fwd": (call, None)}, make_row=make_row)
 
 
-def _time_once(fn: Callable[[], object], setup: Callable[[], object] | None, device: torch.device) -> float:
-    if setup is not None:
-        setup()
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def default_impls(device: torch.device) -> list[str]:
     impls = ["naive", "torch", "torch_compile"]
     if device.type == "cuda":
@@ -247,12 +236,12 @@ def run_kernel_benchmarks(
                 for case in cases.values():
                     for fn, setup in case.phases.values():
                         for _ in range(warmup):
-                            _time_once(fn, setup, device)
+                            time_once_ms(fn, device, setup)
                 times = {impl: {ph: [] for ph in case.phases} for impl, case in cases.items()}
                 for _ in range(repeats):
                     for impl, case in cases.items():
                         for ph, (fn, setup) in case.phases.items():
-                            times[impl][ph].append(_time_once(fn, setup, device))
+                            times[impl][ph].append(time_once_ms(fn, device, setup))
                 cell = [case.make_row({ph: statistics.median(v) for ph, v in times[impl].items()})
                         for impl, case in cases.items()]
                 naive = next((r for r in cell if r.impl == "naive"), None)

@@ -14,6 +14,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_once_ms(fn: Callable[[], object], device: torch.device, setup: Callable[[], object] | None = None) -> float:
+    """Wall time of one ``fn()`` in milliseconds, synchronised; ``setup()`` runs untimed first."""
+    if setup is not None:
+        setup()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def median_ms(
     fn: Callable[[], object],
     device: torch.device,
@@ -22,22 +33,10 @@ def median_ms(
     warmup: int = 2,
     setup: Callable[[], object] | None = None,
 ) -> float:
-    """Median wall time of ``fn()`` in milliseconds; ``setup()`` runs untimed before each call."""
+    """Median of ``repeats`` timed calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
-        if setup is not None:
-            setup()
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if setup is not None:
-            setup()
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        time_once_ms(fn, device, setup)
+    return statistics.median(time_once_ms(fn, device, setup) for _ in range(repeats))
 
 
 def count_cuda_kernels(fn: Callable[[], object]) -> int | None:
