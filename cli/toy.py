@@ -1,0 +1,134 @@
+"""``fastdense toy ...``: the built-in toy world and its tiny text-to-image model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
+
+DEFAULT_OUT = Path("toy-model")
+
+
+@app.command("pretrain")
+def pretrain(
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output directory (diffusers layout; default ./toy-model, or the package's with --ship)."),
+    ] = None,
+    ship: Annotated[
+        bool, typer.Option("--ship", help="Write into the package's shipped weights dir (fastdense/toy/weights/).")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of weights, scenes, timesteps and noise.")] = 0,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the shipped model's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = None,
+    wrong_color_fraction: Annotated[
+        float | None, typer.Option(help="Fraction of training captions that name a wrong shape colour.")
+    ] = None,
+    cfg_dropout: Annotated[float | None, typer.Option(help="Fraction of captions replaced by \"\" (CFG).")] = None,
+    offset_noise: Annotated[float | None, typer.Option(help="Per-channel offset-noise scale.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")] = None,
+    evaluate: Annotated[
+        bool, typer.Option("--eval/--no-eval", help="Measure held-out colour fidelity afterwards (default settings).")
+    ] = False,
+) -> None:
+    """Train the toy text-to-image model from scratch on freshly rendered toy images."""
+    import json
+    import os
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fastdense.toy import shipped_weights_path
+    from fastdense.toy.pretrain import PretrainConfig
+    from fastdense.toy.pretrain import pretrain as run_pretrain
+
+    if ship and out is not None:
+        raise ValueError("give --out or --ship, not both")
+    target = shipped_weights_path() if ship else (out or DEFAULT_OUT)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"--out {target} exists and is not a directory")
+
+    overrides = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "wrong_color_fraction": wrong_color_fraction,
+        "cfg_dropout": cfg_dropout,
+        "offset_noise": offset_noise,
+    }
+    config = PretrainConfig(seed=seed, **{k: v for k, v in overrides.items() if v is not None})
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    with Progress(
+        TextColumn("[bold]pretrain"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        transient=False,
+    ) as bar:
+        task = bar.add_task("pretrain", total=config.steps, loss=float("nan"))
+
+        def progress(step: int, loss: float) -> None:
+            bar.update(task, completed=step + 1, loss=loss)
+
+        result = run_pretrain(target, config, threads=threads, progress=progress)
+    print(f"saved {result.out} in {result.seconds:.1f} s (mean loss of the last 100 steps {result.final_loss:.4f})")
+
+    if evaluate:
+        from fastdense.toy import DEFAULT_ETA, DEFAULT_EVAL_SEEDS, DEFAULT_GUIDANCE, DEFAULT_STEPS, evaluate_fidelity
+
+        fidelity = evaluate_fidelity(result.out)
+        info_path = result.out / "toy_info.json"
+        info = json.loads(info_path.read_text())
+        info["heldout_fidelity"] = {
+            "value": round(fidelity, 4),
+            "prompts": "fastdense.toy.world.HELDOUT_PROMPTS",
+            "seeds": [DEFAULT_EVAL_SEEDS[0], DEFAULT_EVAL_SEEDS[-1]],
+            "steps": DEFAULT_STEPS,
+            "guidance": DEFAULT_GUIDANCE,
+            "eta": DEFAULT_ETA,
+        }
+        info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        print(f"held-out colour fidelity {fidelity:.3f}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Path | None, typer.Option(help="Model directory (default: the shipped toy model).")] = None,
+    seeds: Annotated[int, typer.Option(help="Noise seeds per held-out prompt (1000, 1001, ...).")] = 16,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the toy defaults).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="CFG scale.")] = None,
+    eta: Annotated[float | None, typer.Option(help="DDIM eta.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+) -> None:
+    """Mean colour fidelity on the held-out toy prompts (per prompt, and overall)."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastdense.toy import DEFAULT_ETA, DEFAULT_GUIDANCE, DEFAULT_STEPS, fidelity_scores, shipped_model_dir
+    from fastdense.toy.world import HELDOUT_PROMPTS
+
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds} is not allowed; allowed: >= 1")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads} is not allowed; allowed: >= 1")
+        torch.set_num_threads(threads)
+    model_dir = model if model is not None else shipped_model_dir()
+    steps = DEFAULT_STEPS if steps is None else steps
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    eta = DEFAULT_ETA if eta is None else eta
+    scores = fidelity_scores(model_dir, HELDOUT_PROMPTS, range(1000, 1000 + seeds), steps, guidance, eta)
+
+    table = Table(title=f"colour fidelity: {model_dir} (DDIM {steps}, guidance {guidance:g}, eta {eta:g})")
+    table.add_column("prompt")
+    table.add_column("fidelity", justify="right")
+    for prompt, row in zip(HELDOUT_PROMPTS, scores, strict=True):
+        table.add_row(prompt, f"{float(row.mean()):.3f}")
+    table.add_row("[bold]mean", f"[bold]{float(scores.mean()):.3f}")
+    Console().print(table)

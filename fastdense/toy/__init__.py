@@ -1,0 +1,108 @@
+"""The built-in toy world and the shipped tiny text-to-image model.
+
+- :mod:`fastdense.toy.world`: coloured shapes on coloured backgrounds, their captions,
+  and the held-out evaluation prompts;
+- :mod:`fastdense.toy.model`: the model's architecture, tokenizer and diffusers layout;
+- :mod:`fastdense.toy.pretrain`: training it from scratch (``fastdense toy pretrain``).
+
+The shipped model (:func:`shipped_model_dir`) is a pixel-space model: images in
+[-1, 1] (``x = 2 * image - 1``), decoded by the identity (``fastdense.sampler.decode``
+maps ``x / 2 + 0.5``). Its held-out colour fidelity with the defaults below
+(DDIM 20 steps, guidance 3, eta 1, the 16 held-out prompts x seeds 1000..1015) is
+0.779 (guidance 1: 0.47, 2: ~0.74, 5: ~0.87), recorded in ``toy_info.json`` next to
+the weights; an untrained model scores ~0.14.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from fastdense.errors import FastdenseError
+
+__all__ = [
+    "DEFAULT_EVAL_SEEDS",
+    "DEFAULT_GUIDANCE",
+    "DEFAULT_STEPS",
+    "DEFAULT_ETA",
+    "evaluate_fidelity",
+    "fidelity_scores",
+    "shipped_model_dir",
+    "shipped_weights_path",
+]
+
+#: Sampling defaults for the toy model (DDIM, eta 1 as in training).
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 3.0
+DEFAULT_ETA = 1.0
+#: Noise seeds for evaluation (training never uses the sampler's seeds).
+DEFAULT_EVAL_SEEDS: tuple[int, ...] = tuple(range(1000, 1016))
+
+
+def shipped_weights_path() -> Path:
+    """Where the shipped weights live inside the package (whether or not they exist yet)."""
+    from importlib.resources import files
+
+    return Path(str(files("fastdense.toy") / "weights"))
+
+
+def shipped_model_dir() -> Path:
+    """Directory of the shipped toy model (package data, diffusers layout)."""
+    path = shipped_weights_path()
+    if not (path / "model_index.json").is_file():
+        raise FastdenseError(
+            f"the shipped toy model is missing ({path} has no model_index.json); "
+            "train one with `fastdense toy pretrain --ship`"
+        )
+    return path
+
+
+def fidelity_scores(
+    model_dir: str | Path,
+    prompts: Sequence[str] | None = None,
+    seeds: Sequence[int] = DEFAULT_EVAL_SEEDS,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    eta: float = DEFAULT_ETA,
+    *,
+    parts=None,
+):
+    """Colour-fidelity reward ``[len(prompts), len(seeds)]`` of samples of the model.
+
+    Sample ``(i, j)`` is ``prompts[i]`` with noise seed ``seeds[j]``, drawn by
+    :class:`fastdense.sampler.Sampler` (DDIM, ``steps``, CFG ``guidance``, ``eta``) and
+    decoded by :func:`fastdense.sampler.decode`. ``prompts`` default to
+    :data:`fastdense.toy.world.HELDOUT_PROMPTS`. ``parts``: already loaded
+    ``PipelineParts`` (``model_dir`` is then ignored).
+    """
+    from fastdense.models.loading import load_pipeline_parts
+    from fastdense.rewards import get_reward
+    from fastdense.sampler import Sampler, decode
+    from fastdense.toy.world import HELDOUT_PROMPTS
+
+    prompts = list(HELDOUT_PROMPTS if prompts is None else prompts)
+    seeds = [int(s) for s in seeds]
+    if not prompts or not seeds:
+        raise FastdenseError("evaluate_fidelity needs at least one prompt and one seed")
+    if parts is None:
+        parts = load_pipeline_parts(model_dir)
+    batch_prompts = [p for p in prompts for _ in seeds]
+    batch_seeds = [s for _ in prompts for s in seeds]
+    traj = Sampler(parts, compile=False).sample(
+        batch_prompts, num_steps=steps, guidance=guidance, eta=eta, seed=batch_seeds
+    )
+    images = decode(parts, traj.final_latents)
+    scores = get_reward("color_fidelity")(images, batch_prompts)
+    return scores.reshape(len(prompts), len(seeds))
+
+
+def evaluate_fidelity(
+    model_dir: str | Path,
+    prompts: Sequence[str] | None = None,
+    seeds: Sequence[int] = DEFAULT_EVAL_SEEDS,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    eta: float = DEFAULT_ETA,
+) -> float:
+    """Mean colour fidelity of the model on ``prompts`` x ``seeds`` (see :func:`fidelity_scores`)."""
+    return float(fidelity_scores(model_dir, prompts, seeds, steps, guidance, eta).mean())

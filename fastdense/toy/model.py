@@ -1,0 +1,240 @@
+"""The toy text-to-image model: architecture, tokenizer and saving in diffusers layout.
+
+A pixel-space model (no VAE): the UNet works on ``[3, R, R]`` images in [-1, 1]
+(``x = 2 * image - 1``; the sampler's ``decode`` maps back with ``x / 2 + 0.5``).
+Layout written by :func:`save_toy_model`::
+
+    model_index.json   "_class_name": "FastdensePixelPipeline", vae: [null, null]
+    unet/              UNet2DConditionModel, in/out channels 3, sample_size R
+    text_encoder/      CLIPTextModel (hidden 64, 2 layers), trained from scratch
+    tokenizer/         CLIPTokenizer: printable ASCII plus one token per toy word
+    scheduler/         DDIMScheduler (SD1.5 scaled_linear betas, epsilon, clip_sample off)
+    toy_info.json      how it was trained (seed, steps, data settings, wall time)
+
+``fastdense.models.loading.load_pipeline_parts(dir)`` loads it like a Stable
+Diffusion directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fastdense.errors import FastdenseError
+from fastdense.toy.world import CAPTION_WORDS
+
+__all__ = [
+    "ToyModelConfig",
+    "build_toy_model",
+    "save_toy_model",
+    "toy_scheduler_config",
+    "toy_tokenizer",
+    "toy_vocab_and_merges",
+]
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class ToyModelConfig:
+    """Architecture of the toy model (the defaults are the shipped model's)."""
+
+    resolution: int = 16
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 16
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate: int = 128
+    max_length: int = 16
+    #: cross-attention at the finest level too (otherwise only at the coarser levels)
+    attention_at_full_resolution: bool = False
+
+    def __post_init__(self) -> None:
+        levels = len(self.block_out_channels)
+        if levels < 1 or self.resolution % (2 ** (levels - 1)):
+            raise FastdenseError(
+                f"resolution={self.resolution} is not divisible by 2^{levels - 1} "
+                f"(block_out_channels={self.block_out_channels})"
+            )
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise FastdenseError(
+                f"block_out_channels={self.block_out_channels} are not all divisible by "
+                f"norm_num_groups={self.norm_num_groups}"
+            )
+
+    def unet_blocks(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Cross-attention at every level (the finest one only with ``attention_at_full_resolution``)."""
+        n = len(self.block_out_channels)
+        plain_first = n > 1 and not self.attention_at_full_resolution
+        down = tuple("DownBlock2D" if (i == 0 and plain_first) else "CrossAttnDownBlock2D" for i in range(n))
+        up = tuple(reversed(["UpBlock2D" if d == "DownBlock2D" else "CrossAttnUpBlock2D" for d in down]))
+        return down, up
+
+
+def toy_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level CLIP BPE vocabulary: the two specials, printable ASCII (plain and
+    end-of-word), and merges that make every word of :data:`CAPTION_WORDS` one token.
+
+    Merges build each word left to right; a word that an earlier merge splits
+    differently gets extra merges for the pieces it was split into, until every toy
+    word is a single token (checked against the real tokenizer).
+    """
+    vocab: dict[str, int] = {}
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add(token: str) -> None:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+
+    def chain(pieces: list[str]) -> None:
+        left = pieces[0]
+        for piece in pieces[1:]:
+            if (left, piece) not in seen:
+                seen.add((left, piece))
+                merges.append((left, piece))
+            left = left + piece
+            add(left)
+
+    for token in SPECIAL_TOKENS:
+        add(token)
+    for code in range(33, 127):  # ByteLevel maps printable ASCII to itself
+        add(chr(code))
+    for code in range(33, 127):
+        add(chr(code) + "</w>")
+    for word in CAPTION_WORDS:
+        chain([*word[:-1], word[-1] + "</w>"])
+
+    from transformers import CLIPTokenizer
+
+    for _ in range(len(CAPTION_WORDS)):
+        tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=16)
+        split = [tokenizer.tokenize(w) for w in CAPTION_WORDS]
+        split = [pieces for pieces in split if len(pieces) > 1]
+        if not split:
+            return vocab, merges
+        for pieces in split:
+            chain(pieces)
+    raise RuntimeError("could not make every toy word a single token")  # pragma: no cover
+
+
+def toy_tokenizer(max_length: int = 16):
+    """The toy ``CLIPTokenizer`` (offline, built from :func:`toy_vocab_and_merges`)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = toy_vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def toy_scheduler_config() -> dict[str, Any]:
+    """DDIM with Stable Diffusion 1.5's schedule (scaled_linear betas 0.00085..0.012):
+    few timesteps are almost pure noise (ᾱ < 0.01 for 7% of them, against 33% with
+    DDPM's linear 1e-4..0.02), so more of the training signal is where the prompt
+    decides the picture."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": "epsilon",
+        "timestep_spacing": "leading",
+    }
+
+
+def build_toy_model(config: ToyModelConfig = ToyModelConfig(), *, seed: int = 0):
+    """Randomly initialised ``(tokenizer, text_encoder, unet)``; the same seed gives the same weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = toy_tokenizer(config.max_length)
+    vocab = tokenizer.get_vocab()
+    down, up = config.unet_blocks()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=config.resolution,
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=config.layers_per_block,
+            block_out_channels=tuple(config.block_out_channels),
+            down_block_types=down,
+            up_block_types=up,
+            cross_attention_dim=config.text_hidden,
+            attention_head_dim=config.attention_head_dim,
+            norm_num_groups=config.norm_num_groups,
+        )
+        torch.manual_seed(seed + 1)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=config.text_hidden,
+                intermediate_size=config.text_intermediate,
+                num_hidden_layers=config.text_layers,
+                num_attention_heads=config.text_heads,
+                max_position_embeddings=config.max_length,
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"],
+                projection_dim=config.text_hidden,
+            )
+        )
+    return tokenizer, text_encoder, unet
+
+
+def save_toy_model(directory: str | Path, tokenizer, text_encoder, unet, info: dict[str, Any] | None = None) -> Path:
+    """Write the model in diffusers layout (safetensors weights) under ``directory``."""
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(str(root / "unet"), safe_serialization=True)
+    text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
+    _save_tokenizer(root / "tokenizer", tokenizer)
+    DDIMScheduler(**toy_scheduler_config()).save_pretrained(str(root / "scheduler"))
+    index = {
+        # Not loadable by StableDiffusionPipeline (it needs a VAE); fastdense loads it as pixel-space.
+        "_class_name": "FastdensePixelPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": [None, None],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if info is not None:
+        (root / "toy_info.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+    for path in root.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)  # transformers writes weights 0600; package data must be readable
+    return root
+
+
+def _save_tokenizer(directory: Path, tokenizer) -> None:
+    """``save_pretrained`` (tokenizer.json) plus the classic vocab.json / merges.txt pair."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = toy_vocab_and_merges()
+    if tokenizer.get_vocab() != vocab:
+        raise FastdenseError("the tokenizer to save is not the toy tokenizer")
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1) + "\n")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    tokenizer.save_pretrained(str(directory))
+
+
+def config_dict(config: ToyModelConfig) -> dict[str, Any]:
+    out = asdict(config)
+    out["block_out_channels"] = list(config.block_out_channels)
+    return out
