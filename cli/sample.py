@@ -116,13 +116,16 @@ def sample(
         Path | None, typer.Option("--prompts-file", help="A file with one prompt per line.")
     ] = None,
     model: Annotated[
-        str | None, typer.Option("--model", help="A diffusers pipeline directory (or hub id where reachable).")
+        str | None,
+        typer.Option("--model", help="A diffusers pipeline directory (or hub id); default: the shipped toy model."),
     ] = None,
     lora: Annotated[Path | None, typer.Option("--lora", help="A LoRA adapter directory to sample with.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("out/samples"),
     num_images: Annotated[int, typer.Option("--num-images", help="Images per prompt.")] = 1,
-    steps: Annotated[int, typer.Option("--steps", help="DDIM steps.")] = 50,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1 = none).")] = 7.5,
+    steps: Annotated[int | None, typer.Option("--steps", help="DDIM steps (default 50; toy model 20).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", help="CFG scale, 1 = none (default 7.5; toy model 3).")
+    ] = None,
     eta: Annotated[float, typer.Option("--eta", help="DDIM eta (1 = stochastic, as in training).")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Image k uses seed + k (reproducible).")] = 0,
     trajectory: Annotated[
@@ -143,10 +146,16 @@ def sample(
     ] = False,
 ) -> None:
     """Generate images with DDIM + classifier-free guidance; writes PNGs and a grid."""
+    if model is None:  # the shipped toy model, with its own sampling defaults
+        from fastdense.toy import DEFAULT_GUIDANCE, DEFAULT_STEPS, shipped_model_dir
+
+        model = str(shipped_model_dir())
+        steps = DEFAULT_STEPS if steps is None else steps
+        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    steps = 50 if steps is None else steps
+    guidance = 7.5 if guidance is None else guidance
     check_args(steps=steps, guidance=guidance, num_images=num_images, eta=eta, micro_batch=micro_batch)
     prompt_list = read_prompts(prompts, prompts_file)
-    if model is None:
-        raise FastdenseError("--model DIR is required (a diffusers pipeline directory, e.g. a Stable Diffusion 1.5)")
     if dtype not in DTYPES:
         raise FastdenseError(f"--dtype {dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
     if lora is not None and not lora.exists():

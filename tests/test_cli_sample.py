@@ -109,9 +109,16 @@ def test_bad_arguments_are_one_line_errors(tiny_dir, tmp_path, capsys, args, mat
     assert not (tmp_path / "o").exists()
 
 
+def test_default_model_is_the_shipped_toy_model(tmp_path, capsys):
+    code, _, err = _run(["sample", "a red circle on a black background", "--num-images", "2",
+                         "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "o" / "samples.json").read_text())
+    assert meta["model"].endswith("weights") and meta["steps"] == 20 and meta["guidance"] == 3.0
+    assert len(list((tmp_path / "o").glob("*_*.png"))) == 2 and (tmp_path / "o" / "grid.png").is_file()
+
+
 def test_missing_model_and_prompts(tmp_path, capsys):
-    code, _, err = _run(["sample", "a cat", "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "--model" in err and "Traceback" not in err
     code, _, err = _run(["sample", "--model", str(tmp_path)], capsys)
     assert code == 2 and "no prompts" in err
     code, _, err = _run(["sample", "  ", "--model", str(tmp_path)], capsys)
