@@ -148,3 +148,39 @@ def sampler(
             "record_overhead", "speedup_vs_diffusers_eager"]
     print_table(f"fastdense bench sampler ({dev.type}, {rows[0].model})", dict_rows, cols)
     write_json(dict_rows, json_path)
+
+
+@app.command("train")
+def train(
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the rows as JSON to this file.")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed steps per mode; the median is reported.")] = 3,
+    steps: Annotated[int, typer.Option(help="DDIM steps of the stored trajectories.")] = 10,
+    group_size: Annotated[int, typer.Option(help="Trajectories per comparison group (G).")] = 4,
+    k: Annotated[int, typer.Option(help="Sampled steps per trajectory (K).")] = 4,
+) -> None:
+    """Our training step vs the naive per-item step (tiny model), and buffer bytes at SD1.5 shapes."""
+    dev = resolve_device(device)
+    for name, value, low in (("--repeats", repeats, 1), ("--steps", steps, 1), ("--group-size", group_size, 2),
+                             ("--k", k, 1)):
+        if value < low:
+            raise ValueError(f"{name} {value} is not allowed; it must be >= {low}")
+
+    from rich.console import Console
+
+    from fastdense.benchmarks.train import buffer_bytes_rows, run_train_benchmarks
+
+    console = Console(stderr=True)
+    with console.status("benchmarking") as status:
+        rows = run_train_benchmarks(dev, repeats=repeats, num_steps=steps, group_size=group_size, k=k,
+                                    progress=lambda msg: status.update(f"benchmarking {msg}"))
+    import torch
+
+    buffer_rows = buffer_bytes_rows(dtype=torch.float32) + buffer_bytes_rows(dtype=torch.bfloat16)
+    step_dicts = [r.as_dict() for r in rows]
+    print_table(f"fastdense bench train ({dev.type}, tiny model)", step_dicts,
+                ["mode", "step_seconds", "peak_mem_mb", "unet_calls", "items", "speedup_vs_naive"])
+    buffer_dicts = [r.as_dict() for r in buffer_rows]
+    print_table("replay buffer bytes per trajectory (SD1.5: 4x64x64 latents, T=50, 77x768 embeddings, G=5)",
+                buffer_dicts, ["layout", "dtype", "bytes_per_trajectory", "ratio_vs_naive"])
+    write_json(step_dicts + buffer_dicts, json_path)

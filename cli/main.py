@@ -23,6 +23,7 @@ from fastdense.cli import env as env_cmds
 from fastdense.cli import profile as profile_cmds
 from fastdense.cli import sample as sample_cmds
 from fastdense.cli import toy as toy_cmds
+from fastdense.cli import train as train_cmds
 
 app = typer.Typer(
     name="fastdense",
@@ -36,6 +37,7 @@ app.add_typer(bench_cmds.app, name="bench", help="Benchmarks: kernels, sampler, 
 app.add_typer(profile_cmds.app, name="profile", help="torch.profiler traces of the hot paths.")
 app.add_typer(toy_cmds.app, name="toy", help="The toy world: pretrain and evaluate the shipped tiny model.")
 app.command("sample", help="Generate images (DDIM + CFG); PNGs, a grid, x̂0 trajectory pictures.")(sample_cmds.sample)
+app.command("train", help="Dense-reward preference training on DeepSpeed (default: the toy job).")(train_cmds.train)
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 

@@ -1,0 +1,127 @@
+"""``fastdense train``: dense-reward preference alignment on a DeepSpeed engine.
+
+Config: the ``toy`` preset when neither ``--config`` nor ``--preset`` is given (the
+shipped toy model and the colour-fidelity reward); ``--set section.key=value`` and
+the direct flags override it. ``--dry-run`` prints the resolved config as JSON.
+``--resume latest|PATH`` continues a run from its checkpoint (with the checkpoint's
+config, plus any ``--set`` / flags). Writes into a fresh run directory (``--out``,
+default ``run.out`` or ``runs/<time>``): LoRA weights, metrics.jsonl, reward_curve.png,
+before_after.png, summary.json and checkpoints; prints "reward before → after on
+held-out seeds".
+
+Single process: just run it. Several ranks: ``deepspeed --num_gpus N $(which fastdense) train ...``
+or ``torchrun --nproc-per-node N $(which fastdense) train ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fastdense.errors import FastdenseError
+
+DEFAULT_PRESET = "toy"
+
+
+def resolve_config(
+    *,
+    config: Path | None,
+    preset: str | None,
+    overrides: list[str],
+    resume: str | None,
+    out: Path | None,
+):
+    """(Config, checkpoint directory or None) from the command line; raises FastdenseError."""
+    from fastdense.checkpoint import resolve_resume, validate_checkpoint
+    from fastdense.config import build_config
+
+    if resume is not None:
+        if config is not None or preset is not None:
+            raise FastdenseError(
+                "--resume continues a run with its checkpoint's config; --config/--preset are not allowed with it "
+                "(use --set section.key=value to change a value)"
+            )
+        ckpt = resolve_resume(resume, out)
+        validate_checkpoint(ckpt)
+        cfg = build_config(config_file=ckpt / "config.json", overrides=overrides)
+        return cfg, ckpt
+    if config is not None and not config.is_file():
+        raise FastdenseError(f"--config {config} does not exist or is not a file")
+    if config is None and preset is None:
+        preset = DEFAULT_PRESET
+    return build_config(preset=preset, config_file=config, overrides=overrides), None
+
+
+def train(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="A YAML/TOML/JSON config file (over the preset, if any).")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="A shipped preset: toy (default), sd15-single, sd15-multi.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override one value: section.key=value (repeatable), e.g. objective.gamma=0.8."),
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="Continue a run: 'latest' (in --out) or a checkpoint directory.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (new or empty; default runs/TIME).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config (JSON) and exit.")] = False,
+    rounds: Annotated[int | None, typer.Option("--rounds", help="Rounds of collect + update (train.rounds).")] = None,
+    updates: Annotated[
+        int | None, typer.Option("--updates", help="Optimizer updates per round (train.updates_per_round).")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Diffusers pipeline directory (model.path).")] = None,
+    reward: Annotated[str | None, typer.Option("--reward", help="Reward name or spec (reward.name).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Training seed (train.seed).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (run.device).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    local_rank: Annotated[
+        int | None, typer.Option("--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher.")
+    ] = None,
+) -> None:
+    """Train a text-to-image model with the dense-reward (temporally discounted DPO) objective."""
+    if local_rank is not None:
+        import os
+
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    sets = list(overrides or [])
+    for key, value in (("train.rounds", rounds), ("train.updates_per_round", updates), ("model.path", model),
+                       ("reward.name", reward), ("train.seed", seed), ("run.device", device)):
+        if value is not None:
+            sets.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    cfg, ckpt = resolve_config(config=config, preset=preset, overrides=sets, resume=resume, out=out)
+    if dry_run:
+        print(cfg.to_json())
+        return
+
+    from rich.console import Console
+
+    from fastdense.train import Trainer, check_run_dir, default_run_dir
+
+    console = Console(stderr=True)
+    if ckpt is not None:
+        from fastdense.checkpoint import run_dir_of
+
+        run_dir = out if out is not None else run_dir_of(ckpt)
+        check_run_dir(run_dir, resuming=True)
+    else:
+        run_dir = out if out is not None else (Path(cfg.run.out) if cfg.run.out else default_run_dir())
+        check_run_dir(run_dir, resuming=False)
+    trainer = Trainer(cfg, run_dir, resume=ckpt, progress=progress and sys.stderr.isatty(), console=console)
+    if trainer.dist.is_main:
+        what = f"resuming {ckpt} at step {trainer.step}" if ckpt is not None else "training"
+        console.print(f"{what}: {trainer.total_steps} updates in {cfg.train.rounds} rounds → {run_dir}")
+    result = trainer.run()
+    if trainer.dist.is_main:
+        delta = result.reward_after - result.reward_before
+        print(f"wrote {result.output} and metrics to {result.run_dir}")
+        print(
+            f"reward before → after on held-out seeds: {result.reward_before:.4f} → {result.reward_after:.4f} "
+            f"({delta:+.4f})"
+        )
