@@ -72,3 +72,19 @@ def test_bad_arguments_are_one_line_errors(args, needle):
     assert "Traceback" not in res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+
+
+def test_bench_train_counts_unet_calls_and_buffer_bytes(tmp_path):
+    out = tmp_path / "t.json"
+    main(["bench", "train", "--device", "cpu", "--repeats", "1", "--steps", "2", "--group-size", "2", "--k", "2",
+          "--json", str(out)])
+    rows = json.loads(out.read_text())
+    steps = {r["mode"]: r for r in rows if "mode" in r}
+    assert steps["fastdense"]["unet_calls"] == 1  # all items in one call, no reference forward
+    items = steps["naive"]["items"]
+    assert items == 2 * 2 and steps["naive"]["unet_calls"] == 2 * items  # a reference and a policy call per item
+    assert steps["fastdense"]["step_seconds"] > 0 and steps["naive"]["step_seconds"] > 0
+    buffers = [r for r in rows if "layout" in r]
+    ours = [r for r in buffers if r["layout"] == "fastdense"]
+    assert {r["dtype"] for r in ours} == {"float32", "bfloat16"}
+    assert all(r["ratio_vs_naive"] <= 0.5 for r in ours)
