@@ -109,7 +109,7 @@ def test_toy_preset_is_valid_and_small():
     cfg = build_config(preset="toy")
     assert cfg.model.path is None and cfg.reward.name == "color_fidelity"
     assert cfg.sampling.rollouts_per_prompt >= cfg.objective.group_size >= 2
-    assert cfg.train.rounds * cfg.train.updates_per_round <= 64
+    assert cfg.train.rounds * cfg.train.updates_per_round <= 128
 
 
 def test_train_writes_a_run_and_resumes_it(grey_dir, reward_on_path, tmp_path, capsys):
