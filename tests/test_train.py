@@ -42,14 +42,6 @@ def build_grey_model(directory):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def grey_dir(tmp_path_factory):
     return build_grey_model(tmp_path_factory.mktemp("grey") / "model")
