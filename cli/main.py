@@ -48,9 +48,28 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _strip_launcher_rank(argv: list[str]) -> list[str]:
+    """Drop the ``--local_rank=N`` that the ``deepspeed`` launcher puts right after the script
+    (``deepspeed $(which fastdense) train ...`` runs ``fastdense --local_rank=N train ...``);
+    the launcher also exports LOCAL_RANK, which is what the trainer reads."""
+    if not argv or not argv[0].startswith(("--local_rank", "--local-rank")):
+        return argv
+    flag, _, value = argv[0].partition("=")
+    if flag not in ("--local_rank", "--local-rank"):
+        return argv
+    rest = argv[1:]
+    if not value and rest:
+        value, rest = rest[0], rest[1:]
+    if not value.isdigit():
+        _fail(f"{flag}={value!r} is not allowed; it must be a rank number >= 0 (set by the deepspeed launcher)")
+    os.environ.setdefault("LOCAL_RANK", value)
+    return rest
+
+
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     debug = os.environ.get("FASTDENSE_DEBUG", "0") == "1"
+    argv = _strip_launcher_rank(list(sys.argv[1:] if argv is None else argv))
     try:
         command.main(args=argv, prog_name="fastdense", standalone_mode=False)
     except typer.Exit as exit_:

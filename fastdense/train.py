@@ -1011,8 +1011,9 @@ class Trainer:
         after, images = self.evaluate()
         self._log({"event": "eval", "tag": "after", "step": self.state.step, "reward": after})
         output = None
-        if main:
-            output = self._write_outputs(after, images)
+        with self._gathered():  # a collective under ZeRO-3: every rank enters, rank 0 writes
+            if main:
+                output = self._write_outputs(after, images)
         if self._tb is not None:
             self._tb.close()
         return TrainResult(
@@ -1026,9 +1027,8 @@ class Trainer:
 
         from fastdense.lora import save_lora
 
-        if self.lora:
-            with self._gathered():
-                output = save_lora(self.unet, self.run_dir / "lora").parent
+        if self.lora:  # full weights in place: the caller holds self._gathered()
+            output = save_lora(self.unet, self.run_dir / "lora").parent
         else:
             output = self.run_dir / "unet"
             self.unet.save_pretrained(str(output))

@@ -31,6 +31,25 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def grey_dir(tmp_path_factory):
+    """A tiny pixel-space v-prediction model (1 channel, 4x4) whose output layer starts at zero:
+    v̂ = 0 makes samples mid-grey noise (no saturation), so brightness is a smooth reward the
+    policy controls; LoRA on ``conv_out`` can move it. The trainer tests' model."""
+    from diffusers import UNet2DConditionModel
+
+    from fastdense.models.tiny import build_tiny_pipeline
+
+    path = build_tiny_pipeline(tmp_path_factory.mktemp("grey") / "model", with_vae=False, in_channels=1,
+                               sample_size=4, prediction_type="v_prediction")
+    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"))
+    with torch.no_grad():
+        unet.conv_out.weight.zero_()
+        unet.conv_out.bias.zero_()
+    unet.save_pretrained(str(path / "unet"))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

@@ -11,13 +11,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from fastdense import checkpoint as ckpt
 from fastdense.cli.main import main
 from fastdense.config import build_config
-from fastdense.models.tiny import build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 FASTDENSE = Path(sys.executable).parent / "fastdense"
@@ -34,28 +32,6 @@ REWARD_MODULE = textwrap.dedent(
             return images.mean(dim=(1, 2, 3))
     """
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def grey_dir(tmp_path_factory):
-    from diffusers import UNet2DConditionModel
-
-    path = build_tiny_pipeline(tmp_path_factory.mktemp("grey") / "model", with_vae=False, in_channels=1,
-                               sample_size=4, prediction_type="v_prediction")
-    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"))
-    with torch.no_grad():
-        unet.conv_out.weight.zero_()
-        unet.conv_out.bias.zero_()
-    unet.save_pretrained(str(path / "unet"))
-    return path
 
 
 @pytest.fixture
@@ -233,3 +209,16 @@ def test_console_script_error_without_traceback(tmp_path):
         "error: objective.group_size=1 is not allowed; a comparison group needs >= 2 trajectories"
     ]
     assert not (tmp_path / "r").exists()
+
+
+def test_the_deepspeed_launchers_local_rank_argument(capsys, monkeypatch):
+    """``deepspeed $(which fastdense) train ...`` runs ``fastdense --local_rank=N train ...``."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    code, out, err = _run(["--local_rank=0", "train", "--dry-run"], capsys)
+    assert code == 0, err
+    assert json.loads(out) == json.loads(build_config(preset="toy").to_json())
+    monkeypatch.delenv("LOCAL_RANK")  # the launcher exports it too; then it is not overwritten
+    code, out, err = _run(["--local_rank", "1", "train", "--dry-run"], capsys)
+    assert code == 0 and os.environ["LOCAL_RANK"] == "1", err
+    code, _, err = _run(["--local_rank=x", "train", "--dry-run"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--local_rank='x' is not allowed" in err

@@ -16,7 +16,6 @@ import torch
 from fastdense import checkpoint as ckpt
 from fastdense.config import build_config
 from fastdense.errors import FastdenseError
-from fastdense.models.tiny import build_tiny_pipeline
 
 SCRIPT = textwrap.dedent(
     """
@@ -25,16 +24,8 @@ SCRIPT = textwrap.dedent(
 
     torch.set_num_threads(1)
     from fastdense.config import build_config
-    from fastdense.rewards import BaseReward
+    from fastdense.rewards import Brightness
     from fastdense.train import train
-
-
-    class Brightness(BaseReward):
-        name = "brightness"
-
-        def score_batch(self, images, prompts):
-            return images.mean(dim=(1, 2, 3))
-
 
     mode, out, model, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     cfg = build_config(overrides=[
@@ -59,20 +50,6 @@ SCRIPT = textwrap.dedent(
 )
 
 TIMING = {"seconds", "samples_per_s", "elapsed"}
-
-
-@pytest.fixture(scope="module")
-def grey_dir(tmp_path_factory):
-    from diffusers import UNet2DConditionModel
-
-    path = build_tiny_pipeline(tmp_path_factory.mktemp("grey") / "model", with_vae=False, in_channels=1,
-                               sample_size=4, prediction_type="v_prediction")
-    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"))
-    with torch.no_grad():
-        unet.conv_out.weight.zero_()
-        unet.conv_out.bias.zero_()
-    unet.save_pretrained(str(path / "unet"))
-    return path
 
 
 def _env():
@@ -133,12 +110,8 @@ def test_sigkill_between_checkpoints_then_resume_is_bitwise_identical(grey_dir, 
 
 
 def _small_run(grey_dir, out):
-    from fastdense.rewards import BaseReward
+    from fastdense.rewards import Brightness
     from fastdense.train import train
-
-    class Brightness(BaseReward):
-        def score_batch(self, images, prompts):
-            return images.mean(dim=(1, 2, 3))
 
     cfg = build_config(overrides=[
         f"model.path={grey_dir}", "model.lora_targets=[to_q,to_k,to_v,to_out.0,conv_out]",

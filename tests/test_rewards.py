@@ -23,6 +23,7 @@ from fastdense.rewards import (
     PALETTE,
     AestheticProxy,
     BaseReward,
+    Brightness,
     ClipPreprocess,
     ColorFidelity,
     HPSv2Reward,
@@ -46,6 +47,7 @@ from fastdense.rewards import registry as registry_mod
 
 ALL_NAMES = [
     "aesthetic_proxy",
+    "brightness",
     "color_fidelity",
     "hpsv2",
     "imagereward",
@@ -309,6 +311,16 @@ def test_aesthetic_proxy_ranks_images():
         AestheticProxy(weights=(1.0, -1.0, 1.0))
 
 
+# ----------------------------------------------------------------------- brightness
+
+
+def test_brightness_is_the_mean_pixel_value():
+    images = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4), torch.full((3, 4, 4), 0.25)])
+    images[2, 0] = 1.0  # one channel at 1: (1 + 0.25 + 0.25) / 3
+    s = Brightness(batch_size=2)(images, ["a", "b", "c"])
+    assert torch.allclose(s, torch.tensor([0.0, 1.0, 0.5]))
+
+
 # --------------------------------------------------------------------- weighted sum
 
 
@@ -341,6 +353,7 @@ def test_registry_names_and_kwargs():
         ("jpeg_compressibility", JpegCompressibility),
         ("jpeg_incompressibility", JpegIncompressibility),
         ("aesthetic_proxy", AestheticProxy),
+        ("brightness", Brightness),
     ]:
         reward = get_reward(name)
         assert type(reward) is cls and isinstance(reward, Reward) and reward.name == name

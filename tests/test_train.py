@@ -13,38 +13,8 @@ from fastdense import checkpoint as ckpt
 from fastdense.config import build_config
 from fastdense.errors import FastdenseError
 from fastdense.models.tiny import build_tiny_pipeline
-from fastdense.rewards import BaseReward
+from fastdense.rewards import Brightness
 from fastdense.train import LRFactor, Trainer, deepspeed_config, train
-
-
-class Brightness(BaseReward):
-    """Weight-free reward: mean pixel value."""
-
-    name = "brightness"
-
-    def score_batch(self, images, prompts):
-        return images.mean(dim=(1, 2, 3))
-
-
-def build_grey_model(directory):
-    """A tiny pixel-space v-prediction model (1 channel, 4x4) whose output layer starts at zero:
-    v̂ = 0 makes samples mid-grey noise (no saturation), so brightness is a smooth reward the
-    policy controls; LoRA on ``conv_out`` can move it."""
-    from diffusers import UNet2DConditionModel
-
-    path = build_tiny_pipeline(directory, with_vae=False, in_channels=1, sample_size=4,
-                               prediction_type="v_prediction")
-    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"))
-    with torch.no_grad():
-        unet.conv_out.weight.zero_()
-        unet.conv_out.bias.zero_()
-    unet.save_pretrained(str(path / "unet"))
-    return path
-
-
-@pytest.fixture(scope="module")
-def grey_dir(tmp_path_factory):
-    return build_grey_model(tmp_path_factory.mktemp("grey") / "model")
 
 
 @pytest.fixture(scope="module")

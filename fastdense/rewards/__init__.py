@@ -16,7 +16,13 @@ from fastdense.rewards.adapters import (
     PickScoreReward,
 )
 from fastdense.rewards.base import BaseReward, Reward, WeightedSum, to_pil
-from fastdense.rewards.builtin import AestheticProxy, ColorFidelity, JpegCompressibility, JpegIncompressibility
+from fastdense.rewards.builtin import (
+    AestheticProxy,
+    Brightness,
+    ColorFidelity,
+    JpegCompressibility,
+    JpegIncompressibility,
+)
 from fastdense.rewards.colors import COLOR_NAMES, PALETTE, ToyPrompt, format_toy_prompt, parse_toy_prompt
 from fastdense.rewards.registry import available_rewards, get_reward, parse_reward_spec, register_reward
 
@@ -25,6 +31,7 @@ __all__ = [
     "PALETTE",
     "AestheticProxy",
     "BaseReward",
+    "Brightness",
     "ClipPreprocess",
     "ColorFidelity",
     "HPSv2Reward",

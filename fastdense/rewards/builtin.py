@@ -1,5 +1,5 @@
-"""Rewards that need no weights: toy colour fidelity, JPEG (in)compressibility, and a
-hand-made aesthetic proxy. All are deterministic."""
+"""Rewards that need no weights: toy colour fidelity, JPEG (in)compressibility, a
+hand-made aesthetic proxy, and mean brightness (a smoke-test reward). All are deterministic."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastdense.errors import FastdenseError
 from fastdense.rewards.base import BaseReward
 from fastdense.rewards.colors import color_index, palette_tensor, parse_toy_prompt
 
-__all__ = ["AestheticProxy", "ColorFidelity", "JpegCompressibility", "JpegIncompressibility", "luma"]
+__all__ = ["AestheticProxy", "Brightness", "ColorFidelity", "JpegCompressibility", "JpegIncompressibility", "luma"]
 
 
 def luma(images: Tensor) -> Tensor:
@@ -121,6 +121,17 @@ class ColorFidelity(BaseReward):
         purity = (weight * prob).sum((1, 2)) / mass.clamp_min(1e-12)
         coverage = (weight.mean((1, 2)) / self.min_area).clamp(max=1.0)
         return torch.where(mass > 0, purity * coverage, torch.zeros_like(mass))
+
+
+class Brightness(BaseReward):
+    """Mean pixel value in [0, 1] over all channels and pixels; prompts are ignored.
+
+    The simplest reward a policy can move: for smoke tests of a training set-up on any model."""
+
+    name = "brightness"
+
+    def score_batch(self, images: Tensor, prompts: list[str]) -> Tensor:
+        return images.mean(dim=(1, 2, 3))
 
 
 class JpegCompressibility(BaseReward):

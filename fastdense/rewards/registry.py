@@ -34,7 +34,13 @@ from typing import Any
 from fastdense.errors import FastdenseError
 from fastdense.rewards.adapters import HPSv2Reward, ImageRewardReward, LaionAestheticReward, PickScoreReward
 from fastdense.rewards.base import Reward, WeightedSum
-from fastdense.rewards.builtin import AestheticProxy, ColorFidelity, JpegCompressibility, JpegIncompressibility
+from fastdense.rewards.builtin import (
+    AestheticProxy,
+    Brightness,
+    ColorFidelity,
+    JpegCompressibility,
+    JpegIncompressibility,
+)
 
 __all__ = ["available_rewards", "get_reward", "parse_reward_spec", "register_reward"]
 
@@ -43,6 +49,7 @@ _REGISTRY: dict[str, Callable[..., Reward]] = {
     "jpeg_compressibility": JpegCompressibility,
     "jpeg_incompressibility": JpegIncompressibility,
     "aesthetic_proxy": AestheticProxy,
+    "brightness": Brightness,
     "imagereward": ImageRewardReward,
     "hpsv2": HPSv2Reward,
     "pickscore": PickScoreReward,
