@@ -86,12 +86,14 @@ def save_lora(unet, directory: str | Path, state: dict[str, torch.Tensor] | None
     ``state``: the adapter weights (default: read from ``unet``; pass them when the
     parameters live elsewhere, e.g. gathered from ZeRO-3 partitions).
     """
-    from diffusers import StableDiffusionPipeline
+    # The pipeline's own saver (StableDiffusionPipeline inherits it), without importing the
+    # pipeline module: that pulls in transformers' image processors and their torchvision warnings.
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = lora_state_dict(unet) if state is None else state
-    StableDiffusionPipeline.save_lora_weights(
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
         str(directory),
         unet_lora_layers=state,
         unet_lora_adapter_metadata=_lora_metadata(unet),
