@@ -26,9 +26,12 @@ $(BIN)/fastdense: pyproject.toml
 
 setup: $(BIN)/fastdense
 
+# The main job: align the shipped toy model with the colour-fidelity reward (the `toy`
+# preset) into a fresh runs/<time>/ directory; TRAIN_ARGS adds flags (e.g. --out DIR).
+TRAIN_ARGS ?=
+
 demo: setup
-	$(BIN)/fastdense env
-	$(BIN)/fastdense bench kernels --device cpu --impl naive --impl torch --json runs/bench-kernels.json
+	$(BIN)/fastdense train $(TRAIN_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
@@ -39,7 +42,7 @@ test: setup lint
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 bench-kernels: setup
-	$(BIN)/fastdense bench kernels --device cpu --json runs/bench-kernels.json
+	$(BIN)/fastdense bench kernels --device cpu --impl naive --impl torch --json runs/bench-kernels.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
