@@ -52,9 +52,7 @@ def _strip_launcher_rank(argv: list[str]) -> list[str]:
     """Drop the ``--local_rank=N`` that the ``deepspeed`` launcher puts right after the script
     (``deepspeed $(which fastdense) train ...`` runs ``fastdense --local_rank=N train ...``);
     the launcher also exports LOCAL_RANK, which is what the trainer reads."""
-    if not argv or not argv[0].startswith(("--local_rank", "--local-rank")):
-        return argv
-    flag, _, value = argv[0].partition("=")
+    flag, _, value = argv[0].partition("=") if argv else ("", "", "")
     if flag not in ("--local_rank", "--local-rank"):
         return argv
     rest = argv[1:]

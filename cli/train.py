@@ -81,15 +81,8 @@ def train(
     seed: Annotated[int | None, typer.Option("--seed", help="Training seed (train.seed).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (run.device).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
-    local_rank: Annotated[
-        int | None, typer.Option("--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher.")
-    ] = None,
 ) -> None:
     """Train a text-to-image model with the dense-reward (temporally discounted DPO) objective."""
-    if local_rank is not None:
-        import os
-
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
     sets = list(overrides or [])
     for key, value in (("train.rounds", rounds), ("train.updates_per_round", updates), ("model.path", model),
                        ("reward.name", reward), ("train.seed", seed), ("run.device", device)):
