@@ -15,12 +15,17 @@ chosen across the reward range when more than G rollouts were collected.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fastdense.errors import FastdenseError
+
+
+class NoEligibleGroups(FastdenseError):
+    """No stored comparison group passes the reward-gap filter."""
 
 
 def spread_selection(rewards: torch.Tensor, keep: int) -> torch.Tensor:
@@ -136,12 +141,36 @@ class ReplayBuffer:
             del self.embeds[old]  # last slot using this prompt's embedding is gone
 
     # ----------------------------------------------------------------- sampling
-    def sample_slots(self, num_groups: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def filled_slots(self) -> torch.Tensor:
+        return torch.tensor([i for i, p in enumerate(self.slot_prompt) if p is not None], dtype=torch.long)
+
+    def eligible_slots(self, min_reward_gap: float = 0.0) -> torch.Tensor:
+        """Filled slots whose reward range (max - min, finite rewards) is at least ``min_reward_gap``."""
+        filled = self.filled_slots()
+        if min_reward_gap <= 0 or filled.numel() == 0:
+            return filled
+        r = self.rewards[filled.to(self.device)].double()
+        finite = torch.isfinite(r)
+        hi = torch.where(finite, r, -math.inf).amax(1)
+        lo = torch.where(finite, r, math.inf).amin(1)
+        return filled[((hi - lo) >= min_reward_gap).cpu()]
+
+    def sample_slots(
+        self, num_groups: int, generator: torch.Generator | None = None, min_reward_gap: float = 0.0
+    ) -> torch.Tensor:
+        """``num_groups`` slots drawn uniformly (with replacement) from the eligible ones.
+
+        Raises :class:`NoEligibleGroups` when no filled slot has a reward range of at least
+        ``min_reward_gap`` (the caller skips that update)."""
         if self.size == 0:
             raise FastdenseError("the replay buffer is empty; collect rollouts first")
-        filled = torch.tensor([i for i, p in enumerate(self.slot_prompt) if p is not None])
-        pick = torch.randint(len(filled), (num_groups,), generator=generator)
-        return filled[pick]
+        eligible = self.eligible_slots(min_reward_gap)
+        if eligible.numel() == 0:
+            raise NoEligibleGroups(
+                f"no stored group has a reward range >= {min_reward_gap} (objective.min_reward_gap)"
+            )
+        pick = torch.randint(len(eligible), (num_groups,), generator=generator)
+        return eligible[pick]
 
     def gather(self, slot: torch.Tensor, member: torch.Tensor, step: torch.Tensor) -> ItemBatch:
         """Items (slot, member, step): x = latents[..., step], x' = latents[..., step + 1] of the same tensor."""

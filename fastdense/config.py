@@ -56,6 +56,9 @@ class ObjectiveConfig:
     reduction: str = "mean"
     group_size: int = 5  # G trajectories per comparison group (stored per prompt)
     warmup_steps: int = 0  # updates without regularisation (logit = log π_θ alone)
+    # groups whose reward range (max - min) is below this carry no preference and are not
+    # drawn for updates; 0 = every group (the paper). For near-binary rewards (the toy one).
+    min_reward_gap: float = 0.0
 
 
 @dataclass
@@ -283,6 +286,8 @@ def validate(cfg: Config) -> Config:
     _check(o.reduction in REDUCTIONS, "objective.reduction", o.reduction, f"allowed: {', '.join(REDUCTIONS)}")
     _check(o.group_size >= 2, "objective.group_size", o.group_size, "a comparison group needs >= 2 trajectories")
     _check(o.warmup_steps >= 0, "objective.warmup_steps", o.warmup_steps, "it must be >= 0")
+    _check(_finite(o.min_reward_gap) and o.min_reward_gap >= 0, "objective.min_reward_gap", o.min_reward_gap,
+           "it must be a number >= 0 (0 = every group)")
     _check(1 <= s.num_steps <= 1000, "sampling.num_steps", s.num_steps, "it must be in [1, 1000]")
     _check(_finite(s.guidance) and s.guidance >= 0, "sampling.guidance", s.guidance, "it must be a number >= 0")
     _check(_finite(s.eta) and 0 < s.eta <= 1, "sampling.eta", s.eta,

@@ -16,7 +16,8 @@ buffer cache) gives logits [groups, G], ranked by reward into ``listmle_loss``, 
 one batched no-grad pass with the adapters disabled and cached in the buffer; in
 the first round (sampled by π_init itself) they are the sampler's own residuals.
 
-A micro-batch whose loss or rewards are not finite does not backpropagate and is
+A micro-batch whose loss or rewards are not finite, or that finds no group passing
+``objective.min_reward_gap`` in its rank's shard, does not backpropagate and is
 counted; an update whose micro-batches all failed is skipped (weights, optimizer
 and LR schedule untouched) and counted in ``skipped_updates``.
 
@@ -388,15 +389,16 @@ def check_run_dir(out: Path, *, resuming: bool) -> None:
 
 @dataclass
 class MicroBatchResult:
-    """One micro-batch: its loss (None when not finite), logits [groups, G], stats for the metrics."""
+    """One micro-batch: its loss (None when not usable), logits [groups, G], stats for the metrics."""
 
     loss: torch.Tensor | None
-    finite: bool
+    usable: bool  # finite loss and rewards, and a group passing objective.min_reward_gap
     logits: torch.Tensor
     ratio: torch.Tensor
     clip: float
     num_items: int
     ref_items: int
+    eligible_groups: int = 0  # groups in this rank's shard passing objective.min_reward_gap
 
 
 @dataclass
@@ -698,7 +700,14 @@ class Trainer:
         cfg, o = self.cfg, self.cfg.objective
         buf = self.buffer
         G, T, ng = o.group_size, self.table.num_steps, self.cfg.train.groups_per_step
-        slots = buf.sample_slots(ng, generator=self.generators["slots"])
+        from fastdense.buffer import NoEligibleGroups
+
+        eligible = int(buf.eligible_slots(o.min_reward_gap).numel())
+        try:
+            slots = buf.sample_slots(ng, generator=self.generators["slots"], min_reward_gap=o.min_reward_gap)
+        except NoEligibleGroups:
+            # run the same calls as every other rank (ZeRO collectives), then skip the backward
+            slots = buf.sample_slots(ng, generator=self.generators["slots"])
         plan = plan_items(ng, G, T, gamma=o.gamma, beta=o.beta, estimator=o.estimator, k=o.k,
                           generator=self.generators["plan"])
         ranking = ranking_from_rewards(buf.rewards[slots.to(buf.device)], generator=self.generators["ties"])
@@ -735,8 +744,9 @@ class Trainer:
         logits = out.logits.reshape(ng, G)
         loss = listmle_loss(logits, ranking.to(logits.device))
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(rewards).all())
-        return MicroBatchResult(loss if finite else None, finite, logits.detach(), out.ratio.detach(), clip,
-                                int(plan.traj.numel()), ref_items)
+        usable = finite and eligible > 0
+        return MicroBatchResult(loss if usable else None, usable, logits.detach(), out.ratio.detach(), clip,
+                                int(plan.traj.numel()), ref_items, eligible)
 
     def _grad_norm_stage0(self) -> float | None:
         grads = [p.grad for p in self.trainable if p.grad is not None]
@@ -750,12 +760,14 @@ class Trainer:
         self.engine.train()
         gas = self.cfg.train.grad_accum
         good, losses, logits, ratios, items, ref_items, clip = 0, [], [], [], 0, 0, math.inf
+        eligible = 0
         for _ in range(gas):
             mb = self.micro_batch()
+            eligible = mb.eligible_groups
             items += mb.num_items
             ref_items += mb.ref_items
             clip = mb.clip
-            (bad,) = _all_reduce([0.0 if mb.finite else 1.0], "max", self.dist)
+            (bad,) = _all_reduce([0.0 if mb.usable else 1.0], "max", self.dist)
             if bad:
                 self.state.skipped_microbatches += 1
                 continue
@@ -803,6 +815,7 @@ class Trainer:
             "reward_mean": self.state.round_reward_mean,
             "reward_max": self.state.round_reward_max,
             "samples_per_s": items / max(seconds, 1e-9),
+            "eligible_groups": eligible,
             "items": items,
             "ref_items": ref_items,
             "applied": applied,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastdense.buffer import ReplayBuffer, spread_selection
+from fastdense.buffer import NoEligibleGroups, ReplayBuffer, spread_selection
 from fastdense.errors import FastdenseError
 
 T, SHAPE = 4, (2, 3, 3)
@@ -22,6 +22,25 @@ def test_spread_selection_keeps_extremes_and_spreads():
     assert kept[0] == 0.0 and kept[-1] == 1.0 and len(set(keep.tolist())) == 5
     with pytest.raises(FastdenseError, match="collect at least"):
         spread_selection(rewards[:3], 5)
+
+
+def test_reward_gap_filter_draws_only_groups_with_a_preference():
+    buf = ReplayBuffer(4, 2)
+    latents, _, old_sq = _rollouts(2, 0)
+    for prompt, rewards in [("tie", [1.0, 1.0]), ("near", [0.98, 1.0]), ("clear", [0.0, 1.0]),
+                            ("nan", [float("nan"), 1.0])]:
+        buf.add(prompt, torch.ones(5, 8), latents, torch.tensor(rewards), old_sq)
+    assert buf.eligible_slots(0.0).tolist() == [0, 1, 2, 3]  # 0: every group, ties included
+    assert buf.eligible_slots(0.01).tolist() == [1, 2]
+    assert buf.eligible_slots(0.5).tolist() == [2]
+    # gap 0 draws exactly what the unfiltered sampler drew before (same generator use)
+    a = buf.sample_slots(64, torch.Generator().manual_seed(3))
+    b = buf.filled_slots()[torch.randint(4, (64,), generator=torch.Generator().manual_seed(3))]
+    assert torch.equal(a, b)
+    picked = buf.sample_slots(64, torch.Generator().manual_seed(3), min_reward_gap=0.5)
+    assert set(picked.tolist()) == {2}
+    with pytest.raises(NoEligibleGroups, match=r"reward range >= 1.5 \(objective.min_reward_gap\)"):
+        buf.sample_slots(1, min_reward_gap=1.5)
 
 
 def test_transitions_are_adjacent_slots_of_one_tensor():

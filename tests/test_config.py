@@ -30,6 +30,7 @@ def test_file_then_overrides(tmp_path):
     ("objective.beta=-1", "objective.beta"),
     ("objective.clip=0", "objective.clip"),
     ("objective.k=0", "objective.k"),
+    ("objective.min_reward_gap=-0.1", "objective.min_reward_gap"),
     ("objective.group_size=1", "objective.group_size"),
     ("objective.estimator=mc", "objective.estimator"),
     ("objective.reference=ema", "objective.reference"),

@@ -160,6 +160,26 @@ def test_nonfinite_reward_or_loss_skips_the_update(grey_dir, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(before, _trainable(trainer), strict=True))
 
 
+def test_groups_without_a_reward_gap_are_not_trained_on(grey_dir, tmp_path):
+    cfg = small_config(grey_dir, "objective.min_reward_gap=0.5")
+    trainer = Trainer(cfg, tmp_path / "run", reward=Brightness(), progress=False)
+    trainer.collect(0)
+    buf = trainer.buffer
+    before = _trainable(trainer)
+    buf.rewards[:] = torch.tensor([0.2, 0.6])  # every stored group: a range of 0.4 < 0.5
+    record = trainer.update()
+    assert record["eligible_groups"] == 0 and not record["applied"] and record["loss"] is None
+    assert record["skipped_updates"] == 1 and record["skipped_microbatches"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, _trainable(trainer), strict=True))
+
+    buf.rewards[0] = torch.tensor([0.0, 1.0])  # one group with a preference: only it is drawn
+    mb = trainer.micro_batch()
+    assert mb.usable and mb.eligible_groups == 1
+    record = trainer.update()
+    assert record["applied"] and record["eligible_groups"] == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, _trainable(trainer), strict=True))
+
+
 def test_lora_output_loads_into_stable_diffusion_pipeline(vae_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
