@@ -99,7 +99,11 @@ def pretrain(
 @app.command("eval")
 def eval_(
     model: Annotated[Path | None, typer.Option(help="Model directory (default: the shipped toy model).")] = None,
-    seeds: Annotated[int, typer.Option(help="Noise seeds per held-out prompt (1000, 1001, ...).")] = 16,
+    lora: Annotated[
+        Path | None, typer.Option(help="LoRA weights to load into the model (e.g. a training run's lora/).")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Noise seeds per held-out prompt (first-seed, first-seed + 1, ...).")] = 16,
+    first_seed: Annotated[int, typer.Option(help="The first noise seed.")] = 1000,
     steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the toy defaults).")] = None,
     guidance: Annotated[float | None, typer.Option(help="CFG scale.")] = None,
     eta: Annotated[float | None, typer.Option(help="DDIM eta.")] = None,
@@ -110,11 +114,14 @@ def eval_(
     from rich.console import Console
     from rich.table import Table
 
+    from fastdense.models.loading import load_pipeline_parts
     from fastdense.toy import DEFAULT_ETA, DEFAULT_GUIDANCE, DEFAULT_STEPS, fidelity_scores, shipped_model_dir
     from fastdense.toy.world import HELDOUT_PROMPTS
 
     if seeds < 1:
         raise ValueError(f"--seeds {seeds} is not allowed; allowed: >= 1")
+    if first_seed < 0:
+        raise ValueError(f"--first-seed {first_seed} is not allowed; allowed: >= 0")
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads {threads} is not allowed; allowed: >= 1")
@@ -123,12 +130,17 @@ def eval_(
     steps = DEFAULT_STEPS if steps is None else steps
     guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     eta = DEFAULT_ETA if eta is None else eta
-    scores = fidelity_scores(model_dir, HELDOUT_PROMPTS, range(1000, 1000 + seeds), steps, guidance, eta)
+    parts = load_pipeline_parts(model_dir, lora=lora)
+    seed_range = range(first_seed, first_seed + seeds)
+    scores = fidelity_scores(model_dir, HELDOUT_PROMPTS, seed_range, steps, guidance, eta, parts=parts)
 
-    table = Table(title=f"colour fidelity: {model_dir} (DDIM {steps}, guidance {guidance:g}, eta {eta:g})")
+    what = f"{model_dir}" + (f" + LoRA {lora}" if lora is not None else "")
+    table = Table(title=f"colour fidelity (DDIM {steps}, guidance {guidance:g}, eta {eta:g})")
     table.add_column("prompt")
     table.add_column("fidelity", justify="right")
     for prompt, row in zip(HELDOUT_PROMPTS, scores, strict=True):
         table.add_row(prompt, f"{float(row.mean()):.3f}")
     table.add_row("[bold]mean", f"[bold]{float(scores.mean()):.3f}")
     Console().print(table)
+    print(f"held-out colour fidelity {float(scores.mean()):.4f}: {what}, seeds {seed_range.start}-"
+          f"{seed_range.stop - 1}, {scores.numel()} samples")

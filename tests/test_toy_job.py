@@ -38,3 +38,20 @@ def test_short_toy_job_improves_the_reward_on_fixed_seeds(tmp_path, capsys):
     train = [r for r in records if r["event"] == "train"]
     assert len(train) == 20 and all(r["applied"] for r in train)
     assert summary["reward_after"] >= summary["reward_before"] + 0.1, summary
+
+    # the saved LoRA scores through `fastdense toy eval --lora` (held-out prompts, any seeds)
+    capsys.readouterr()
+    try:
+        main(["toy", "eval", "--lora", str(out / "lora"), "--seeds", "1", "--first-seed", "2000"])
+    except SystemExit as exit_:
+        assert exit_.code in (0, None), capsys.readouterr().err
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("held-out colour fidelity 0.") and "+ LoRA" in last
+    assert last.endswith("seeds 2000-2000, 16 samples")
+
+
+def test_toy_eval_refuses_a_missing_lora(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["toy", "eval", "--lora", str(tmp_path / "nope"), "--seeds", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "nope" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
