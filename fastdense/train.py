@@ -272,7 +272,10 @@ class LRFactor:
 # ============================================================================== prompts
 
 
-def toy_train_prompts(count: int = 64, seed: int = 0) -> list[str]:
+TOY_TRAIN_PROMPTS = 256  # of the toy world's 528 training captions: many prompts, few rollouts each
+
+
+def toy_train_prompts(count: int = TOY_TRAIN_PROMPTS, seed: int = 0) -> list[str]:
     """Distinct training captions of the toy world (held-out combinations excluded)."""
     import numpy as np
 
@@ -324,7 +327,7 @@ def load_prompts(cfg: Config) -> tuple[list[str], list[str]]:
     if not prompts:
         if not toy:
             raise FastdenseError("no training prompts: set data.prompts or data.prompts_file")
-        prompts = toy_train_prompts(64, seed=0)
+        prompts = toy_train_prompts(TOY_TRAIN_PROMPTS, seed=0)
     eval_prompts = list(d.eval_prompts)
     if not eval_prompts:
         if toy:

@@ -1,9 +1,10 @@
 """A short version of the main job (``fastdense train`` on the toy preset: the shipped toy model,
-the colour-fidelity reward) improves the reward on fixed seeds.
+the colour-fidelity reward, its learning rate and reward-gap filter) improves the reward on
+fixed seeds.
 
-It trains on four of the prompts the shipped model gets most wrong (fidelity 0.65 on 64 fixed
-samples) and evaluates on the same prompts with fixed seeds that no rollout uses, so a handful
-of updates shows a gain well above the noise of 32 binary-ish samples."""
+It trains on four of the prompts the shipped model gets most wrong and evaluates on the same
+prompts with 16 fixed seeds that no rollout uses (64 samples), so 20 updates show a gain well
+above the noise: measured 0.650 -> 0.823 (2026-12-03, AMD EPYC, 2 threads, 167 s)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ def test_short_toy_job_improves_the_reward_on_fixed_seeds(tmp_path, capsys):
     sets = [
         f"data.prompts={WEAK_PROMPTS}", f"data.eval_prompts={WEAK_PROMPTS}",
         f"data.eval_seeds={list(range(1000, 1016))}",
-        "train.rounds=2", "train.prompts_per_round=4", "train.updates_per_round=10", "train.groups_per_step=16",
-        "optim.lr=1e-3", "objective.min_reward_gap=0.5", "run.checkpoint_every=1000",
+        "sampling.rollouts_per_prompt=16", "train.rounds=2", "train.prompts_per_round=4",
+        "train.updates_per_round=10", "train.groups_per_step=16",
+        # every attention projection and K = 4: learns a narrow prompt set faster than the preset's
+        # cross-attention-only LoRA (measured: +0.17 here, +0.10 with the preset's targets and K = 3)
+        "model.lora_targets=[to_q,to_k,to_v,to_out.0]", "objective.k=4", "run.checkpoint_every=1000",
     ]
     torch.set_num_threads(2)  # the job's own setting on 2 cores (conftest's fixture restores 1 afterwards)
     try:
