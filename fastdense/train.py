@@ -479,6 +479,7 @@ class Trainer:
         self._build_rest()
         self.state = _State()
         self.resumed = False
+        self._warned_no_gap = False
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
 
@@ -785,6 +786,12 @@ class Trainer:
         applied = False
         if good == 0:
             self.state.skipped_updates += 1
+            if eligible == 0 and self.dist.is_main and not self._warned_no_gap:
+                self._warned_no_gap = True  # the gap is on the reward's scale: a silent trap with another reward
+                self.console.print(
+                    f"warning: update {self.state.step + 1} skipped: no stored group has a reward range >= "
+                    f"{self.cfg.objective.min_reward_gap} (objective.min_reward_gap); lower it for a reward "
+                    "on another scale", markup=False, highlight=False, soft_wrap=True)
         elif not self.managed_ga:
             if self.cfg.optim.zero_stage == 0:
                 grad_norm = self._grad_norm_stage0()

@@ -49,7 +49,7 @@ def test_two_ranks_train_to_identical_weights(grey_dir, tmp_path, launcher, stag
         f"model.path={grey_dir}", "model.lora_rank=4", "model.lora_targets=[to_q,to_k,to_v,to_out.0,conv_out]",
         "reward.name=brightness", f"optim.zero_stage={stage}", "optim.lr=0.01",
         "sampling.num_steps=3", "sampling.guidance=2.0", "sampling.rollouts_per_prompt=2", "sampling.micro_batch=4",
-        "objective.group_size=2", "objective.k=2", "objective.beta=10.0",
+        "objective.group_size=2", "objective.k=2", "objective.beta=10.0", "objective.min_reward_gap=0",
         "train.rounds=2", "train.updates_per_round=2", "train.prompts_per_round=1", "train.groups_per_step=1",
         "train.grad_accum=1", "run.checkpoint_every=4",
         "data.prompts=[a red cat, the dog, a cat, red dog]", "data.eval_prompts=[a red cat]", "data.eval_seeds=[1,2]",

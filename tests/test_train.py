@@ -161,8 +161,11 @@ def test_nonfinite_reward_or_loss_skips_the_update(grey_dir, tmp_path):
 
 
 def test_groups_without_a_reward_gap_are_not_trained_on(grey_dir, tmp_path):
+    from rich.console import Console
+
     cfg = small_config(grey_dir, "objective.min_reward_gap=0.5")
-    trainer = Trainer(cfg, tmp_path / "run", reward=Brightness(), progress=False)
+    console = Console(record=True, width=200)
+    trainer = Trainer(cfg, tmp_path / "run", reward=Brightness(), progress=False, console=console)
     trainer.collect(0)
     buf = trainer.buffer
     before = _trainable(trainer)
@@ -171,12 +174,14 @@ def test_groups_without_a_reward_gap_are_not_trained_on(grey_dir, tmp_path):
     assert record["eligible_groups"] == 0 and not record["applied"] and record["loss"] is None
     assert record["skipped_updates"] == 1 and record["skipped_microbatches"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, _trainable(trainer), strict=True))
+    trainer.update()  # warned once, not on every skipped update
+    assert console.export_text().count("(objective.min_reward_gap); lower it") == 1
 
     buf.rewards[0] = torch.tensor([0.0, 1.0])  # one group with a preference: only it is drawn
     mb = trainer.micro_batch()
     assert mb.usable and mb.eligible_groups == 1
     record = trainer.update()
-    assert record["applied"] and record["eligible_groups"] == 1
+    assert record["applied"] and record["eligible_groups"] == 1 and record["skipped_updates"] == 2
     assert not all(torch.equal(a, b) for a, b in zip(before, _trainable(trainer), strict=True))
 
 
