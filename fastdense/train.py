@@ -704,14 +704,11 @@ class Trainer:
         cfg, o = self.cfg, self.cfg.objective
         buf = self.buffer
         G, T, ng = o.group_size, self.table.num_steps, self.cfg.train.groups_per_step
-        from fastdense.buffer import NoEligibleGroups
-
         eligible = int(buf.eligible_slots(o.min_reward_gap).numel())
-        try:
-            slots = buf.sample_slots(ng, generator=self.generators["slots"], min_reward_gap=o.min_reward_gap)
-        except NoEligibleGroups:
-            # run the same calls as every other rank (ZeRO collectives), then skip the backward
-            slots = buf.sample_slots(ng, generator=self.generators["slots"])
+        # none eligible: draw from every group so this rank runs the same calls as the others (ZeRO
+        # collectives), then the backward is skipped
+        gap = o.min_reward_gap if eligible else 0.0
+        slots = buf.sample_slots(ng, generator=self.generators["slots"], min_reward_gap=gap)
         plan = plan_items(ng, G, T, gamma=o.gamma, beta=o.beta, estimator=o.estimator, k=o.k,
                           generator=self.generators["plan"])
         ranking = ranking_from_rewards(buf.rewards[slots.to(buf.device)], generator=self.generators["ties"])
