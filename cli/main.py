@@ -3,13 +3,17 @@
 Command modules import their heavy dependencies (torch, diffusers, deepspeed)
 inside the command functions, so ``fastdense --help`` stays fast.
 Known user errors (``ValueError`` and friends, click usage errors) become one
-line on stderr and exit code 2; set ``FASTDENSE_DEBUG=1`` for the traceback.
+line on stderr and exit code 2; set ``FASTDENSE_DEBUG=1`` for the traceback. Ctrl-C ends a
+command with ``error: interrupted`` and exit code 130, SIGTERM with ``error: terminated`` and 143
+(``fastdense train`` first finishes its update and writes a checkpoint: fastdense.training.interrupt).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import typer
 
@@ -64,16 +68,35 @@ def _strip_launcher_rank(argv: list[str]) -> list[str]:
     return rest
 
 
+class Terminated(BaseException):
+    """SIGTERM as an exception (like KeyboardInterrupt for SIGINT): ``finally`` blocks run, and the
+    command ends with ``error: terminated`` and exit code 143 instead of dying mid-write."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     debug = os.environ.get("FASTDENSE_DEBUG", "0") == "1"
     argv = _strip_launcher_rank(list(sys.argv[1:] if argv is None else argv))
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
-        command.main(args=argv, prog_name="fastdense", standalone_mode=False)
+        _run(command, argv, debug)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _run(command, argv: list[str], debug: bool) -> None:
+    try:
+        code = command.main(args=argv, prog_name="fastdense", standalone_mode=False)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
-    except typer.Abort:
-        _fail("aborted", 130)
+    except typer.Abort:  # click < 8.2 / older typer: what Ctrl-C becomes
+        _fail("interrupted", 130)
     except click_exceptions.NoArgsIsHelpError:
         sys.exit(0)  # typer has printed the help already
     except click_exceptions.ClickException as err:
@@ -86,6 +109,14 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except Terminated:
+        _fail("terminated", 143)
+    # Without standalone mode, typer returns the code of an Exit raised in a command instead of
+    # exiting, and turns Ctrl-C (KeyboardInterrupt) into that code 130. Our commands return None.
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        if code == 130:
+            _fail("interrupted", 130)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

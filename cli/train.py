@@ -7,7 +7,9 @@ the direct flags override it. ``--dry-run`` prints the resolved config as JSON.
 config, plus any ``--set`` / flags). Writes into a fresh run directory (``--out``,
 default ``run.out`` or ``runs/<time>``): LoRA weights, metrics.jsonl, reward_curve.png,
 before_after.png, summary.json and checkpoints; prints "reward before → after on
-held-out seeds".
+held-out seeds". SIGINT (Ctrl-C) or SIGTERM: the update in progress finishes, a checkpoint is
+written, and it exits 130 / 143 with the ``--resume`` command line to continue; a second signal
+exits at once.
 
 Single process: just run it. Several ranks: ``deepspeed --num_gpus N $(which fastdense) train ...``
 or ``torchrun --nproc-per-node N $(which fastdense) train ...``.
@@ -16,6 +18,7 @@ or ``torchrun --nproc-per-node N $(which fastdense) train ...``.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -110,7 +113,16 @@ def train(
     if trainer.dist.is_main:
         what = f"resuming {ckpt} at step {trainer.step}" if ckpt is not None else "training"
         console.print(f"{what}: {trainer.total_steps} updates in {cfg.train.rounds} rounds → {run_dir}")
-    result = trainer.run()
+    from fastdense.training.interrupt import TrainingInterrupted, stop_on_signals
+
+    with stop_on_signals(trainer.stop, announce=trainer.dist.is_main):
+        try:
+            result = trainer.run()
+        except TrainingInterrupted as stopped:
+            if trainer.dist.is_main:
+                print(f"interrupted at step {stopped.step}; continue with: "
+                      f"fastdense train --resume latest --out {shlex.quote(str(run_dir))}", file=sys.stderr, flush=True)
+            raise SystemExit(stopped.exit_code) from None  # 130 (SIGINT) or 143 (SIGTERM), past typer
     if trainer.dist.is_main:
         delta = result.reward_after - result.reward_before
         print(f"wrote {result.output} and metrics to {result.run_dir}")

@@ -52,6 +52,7 @@ import torch
 from fastdense import checkpoint as ckpt_mod
 from fastdense.config import Config, validate
 from fastdense.errors import FastdenseError
+from fastdense.training.interrupt import StopRequest, TrainingInterrupted
 
 __all__ = [
     "DistInfo",
@@ -478,6 +479,7 @@ class Trainer:
         self._build_engine()
         self._build_rest()
         self.state = _State()
+        self.stop = StopRequest()  # set by a signal (fastdense.training.interrupt) or by code
         self.resumed = False
         self._warned_no_gap = False
         if self.resume_from is not None:
@@ -994,11 +996,26 @@ class Trainer:
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
+    def _agreed_stop(self) -> int:
+        """The signal that stops the run after this update (0: go on), the same on every rank:
+        one collective, so all ranks checkpoint the same step."""
+        (signum,) = _all_reduce([float(self.stop.signum)], "max", self.dist)
+        return int(signum)
+
     def run(self) -> TrainResult:
-        cfg = self.cfg
-        P = cfg.train.updates_per_round
+        """Train to the end; raises :class:`TrainingInterrupted` after writing a checkpoint when
+        ``self.stop`` is requested (checked after every update)."""
         self._prepare_run_dir()
         self._tb = self._open_tensorboard()
+        try:
+            return self._run()
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+
+    def _run(self) -> TrainResult:
+        cfg = self.cfg
+        P = cfg.train.updates_per_round
         t_start = time.perf_counter() - self.state.elapsed
         main = self.dist.is_main
         if self.state.reward_before is None:
@@ -1024,18 +1041,21 @@ class Trainer:
                 bar.update(task, completed=self.state.step,
                            loss=record["loss"] if record["loss"] is not None else float("nan"),
                            reward=self.state.round_reward_mean)
+                checkpoint = None
                 if self.state.step % cfg.run.checkpoint_every == 0 or self.state.step == self.total_steps:
-                    self.save_checkpoint()
+                    checkpoint = self.save_checkpoint()
                 for callback in self.callbacks:
                     callback(self, record)
+                signum = self._agreed_stop()
+                if signum:
+                    checkpoint = checkpoint or self.save_checkpoint()
+                    raise TrainingInterrupted(self.state.step, signum, self.run_dir, checkpoint)
         after, images = self.evaluate()
         self._log({"event": "eval", "tag": "after", "step": self.state.step, "reward": after})
         output = None
         with self._gathered():  # a collective under ZeRO-3: every rank enters, rank 0 writes
             if main:
                 output = self._write_outputs(after, images)
-        if self._tb is not None:
-            self._tb.close()
         return TrainResult(
             run_dir=self.run_dir, reward_before=float(self.state.reward_before), reward_after=after,
             steps=self.state.step, rounds=cfg.train.rounds, skipped_updates=self.state.skipped_updates,

@@ -1,0 +1,1 @@
+"""The training loop's parts (see fastdense.train for the trainer itself)."""
