@@ -108,6 +108,22 @@ def build_benchmark_parts(device: torch.device, gpu_shapes: bool, workdir: Path,
     return parts
 
 
+def bench_prompts(tokenizer, count: int) -> list[str]:
+    """``count`` distinct prompts that fit the tokenizer's window, so neither our encoder nor
+    diffusers truncates (and warns about) them: whole phrases while they fit, the number first."""
+    limit = int(tokenizer.model_max_length)
+    prompts = []
+    for i in range(count):
+        prompt = f"{i} red circles"
+        for phrase in ("on a blue background", "in soft light"):
+            longer = f"{prompt} {phrase}"
+            if len(tokenizer(longer, verbose=False).input_ids) > limit:
+                break
+            prompt = longer
+        prompts.append(prompt)
+    return prompts
+
+
 def _diffusers_pipeline(parts, compiled: bool):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -137,10 +153,10 @@ def run_sampler_benchmarks(
 
     steps = steps or (50 if gpu_shapes else 20)
     dtype = torch.float16 if (gpu_shapes and device.type == "cuda") else torch.float32
-    prompts = [f"a red circle number {i}" for i in range(batch)]
     rows: list[SamplerRow] = []
     with tempfile.TemporaryDirectory() as tmp:
         parts = build_benchmark_parts(device, gpu_shapes, Path(tmp), dtype)
+        prompts = bench_prompts(parts.tokenizer, batch)
         model_name = "sd15-shaped unet, 64x64 latents" if gpu_shapes else "tiny test pipeline, 16x16 latents"
         h, w = parts.latent_size
         for compiled in compile_modes:

@@ -8,7 +8,9 @@ the chosen steps, then the final image.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Annotated
@@ -85,6 +87,26 @@ def _resolve_device(device: str):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FastdenseError(f"--device {device} was asked for but torch sees no CUDA device; use --device cpu")
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def _library_warnings(console):
+    """The library's ``warning: ...`` lines (a truncated prompt) printed once each through the
+    console, so they land above the progress bar; not also through any root logging handler."""
+
+    class _ToConsole(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            console.print(record.getMessage(), markup=False, highlight=False, soft_wrap=True)
+
+    log = logging.getLogger("fastdense")
+    handler, propagate = _ToConsole(logging.WARNING), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
 
 
 def _to_pil(image):
@@ -179,7 +201,7 @@ def sample(
     all_prompts = [p for p in prompt_list for _ in range(num_images)]
     total = len(all_prompts)
     sampler = Sampler(parts, micro_batch=min(micro_batch, total), compile=compile, attention=attention)
-    with Progress(
+    with _library_warnings(console), Progress(
         TextColumn("sampling"),
         BarColumn(),
         MofNCompleteColumn(),

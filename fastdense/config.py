@@ -1,6 +1,6 @@
 """Typed training configuration, validated at the edge (DESIGN.md §3).
 
-A config is nested dataclasses; files are YAML or TOML with the same nesting;
+A config is nested dataclasses; files are YAML, TOML or JSON with the same nesting;
 presets ship as package data (``fastdense/presets/*.yaml``); dotted overrides
 (``objective.gamma=0.8``) and CLI flags are applied on top. Every validation
 error names the key, the bad value and what is allowed, in one line.
@@ -191,29 +191,84 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], dotted))
 
 
+CONFIG_FORMATS = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
+_ALLOWED_FILES = "allowed: a YAML, TOML or JSON config file (UTF-8 text)"
+
+
+def _kind(value: Any) -> str:
+    """What a parsed value is, in the words of a config file."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _parse_problem(err: Exception) -> str:
+    """One line saying what the parser disliked and where (1-based line and column)."""
+    return " ".join(_describe_parse_error(err).split()) or type(err).__name__
+
+
+def _describe_parse_error(err: Exception) -> str:
+    import yaml
+
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at line {err.lineno}, column {err.colno}"
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context = f" ({err.context})" if err.context and err.problem else ""
+        return f"{err.problem or err.context}{where}{context}"
+    if isinstance(err, yaml.reader.ReaderError):  # a control character (binary data that happens to be UTF-8)
+        return f"unacceptable character #x{err.character:04x} at position {err.position}"
+    return str(err)  # tomllib's messages carry their own (line, column)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's sections; every problem with the file is one line naming it."""
     path = Path(path)
+    name = repr(str(path))
     if not path.is_file():
-        raise FastdenseError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+        raise FastdenseError(f"config file {name} does not exist")
+    fmt = CONFIG_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise FastdenseError(f"config file {name}: unknown format; allowed: .yaml, .yml, .toml, .json")
     try:
-        if path.suffix == ".toml":
+        raw = path.read_bytes()
+    except OSError as err:
+        raise FastdenseError(f"config file {name} cannot be read: {err.strerror or err}; {_ALLOWED_FILES}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a leading BOM (Windows editors) is not content
+    except UnicodeDecodeError as err:
+        raise FastdenseError(
+            f"config file {name} cannot be read: not UTF-8 text (byte 0x{raw[err.start]:02x} at position "
+            f"{err.start}); {_ALLOWED_FILES}"
+        ) from None
+    try:
+        if not text.strip():
+            data: Any = {}  # an empty file changes nothing
+        elif fmt == "TOML":
             import tomllib
 
             data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml", ".json"):
+        elif fmt == "JSON":
+            data = json.loads(text)  # strict JSON: YAML would accept a trailing comma or comments
+        else:
             import yaml
 
-            data = yaml.safe_load(text) or {}
-        else:
-            raise FastdenseError(f"config file {str(path)!r}: unknown format; allowed: .yaml, .yml, .toml, .json")
-    except FastdenseError:
-        raise
-    except Exception as err:  # parser errors of either format
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FastdenseError(f"config file {str(path)!r} does not parse: {first}") from None
+            data = yaml.safe_load(text)
+            data = {} if data is None else data  # only comments
+    except Exception as err:  # the parsers' errors, and whatever else they raise on odd input
+        raise FastdenseError(f"config file {name} does not parse as {fmt}: {_parse_problem(err)}") from None
     if not isinstance(data, dict):
-        raise FastdenseError(f"config file {str(path)!r} must hold a mapping of sections")
+        raise FastdenseError(
+            f"config file {name} must hold a mapping of sections (objective, sampling, ...) at its top level, "
+            f"not {_kind(data)}"
+        )
     return data
 
 

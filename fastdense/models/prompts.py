@@ -4,10 +4,15 @@ Matches ``StableDiffusionPipeline.encode_prompt`` (no clip skip, no LoRA on the 
 encoder): tokens padded to ``tokenizer.model_max_length``, truncated, the attention
 mask passed only when the encoder's config asks for it, the last hidden state in
 the encoder's dtype. The unconditional embedding is the one of ``""``.
+
+A prompt longer than that window loses its tail, as in diffusers; the encoder says so
+once per prompt, as one ``warning: ...`` line on the ``fastdense.models.prompts``
+logger (with no logging configured Python prints it on stderr as it is).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -15,6 +20,12 @@ from fastdense.errors import FastdenseError
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class PromptEncoder:
@@ -37,7 +48,9 @@ class PromptEncoder:
         self.dtype = param.dtype
         self.batch_size = batch_size
         self.max_length = int(max_length or tokenizer.model_max_length)
+        self._limit_name = "max_length" if max_length else "model_max_length"
         self._cache: dict[str, torch.Tensor] = {}
+        self._warned: set[str] = set()  # prompts already reported as truncated (kept across clear())
         self.calls = 0
         self.encoded = 0
 
@@ -54,9 +67,28 @@ class PromptEncoder:
     def clear(self) -> None:
         self._cache.clear()
 
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        """One warning per prompt whose tokens do not fit the text encoder's window."""
+        # verbose=False: no "Token indices sequence length is longer ..." from transformers on top
+        ids = self.tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        specials = self.tokenizer.num_special_tokens_to_add()
+        keep = max(self.max_length - specials, 0)
+        for prompt, content in zip(prompts, ids, strict=True):
+            total = len(content) + specials
+            if total <= self.max_length or prompt in self._warned:
+                continue
+            self._warned.add(prompt)
+            dropped = self.tokenizer.decode(content[keep:]).strip()
+            logger.warning(
+                "warning: prompt %r is %d tokens; the text encoder reads the first %d (%s), "
+                "the rest (%r) is ignored",
+                _clip(prompt), total, self.max_length, self._limit_name, _clip(dropped, 60),
+            )
+
     def _run(self, prompts: list[str]) -> torch.Tensor:
         import torch
 
+        self._warn_truncated(prompts)
         tokens = self.tokenizer(
             prompts,
             padding="max_length",
