@@ -252,7 +252,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if not text.strip():
             data: Any = {}  # an empty file changes nothing
         elif fmt == "TOML":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: tomli is the same parser (tomllib's origin)
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         elif fmt == "JSON":
