@@ -39,8 +39,8 @@ def resolve_config(
     out: Path | None,
 ):
     """(Config, checkpoint directory or None) from the command line; raises FastdenseError."""
-    from fastdense.checkpoint import resolve_resume, validate_checkpoint
     from fastdense.config import build_config
+    from fastdense.training.run_dir import resume_checkpoint
 
     if resume is not None:
         if config is not None or preset is not None:
@@ -48,8 +48,7 @@ def resolve_config(
                 "--resume continues a run with its checkpoint's config; --config/--preset are not allowed with it "
                 "(use --set section.key=value to change a value)"
             )
-        ckpt = resolve_resume(resume, out)
-        validate_checkpoint(ckpt)
+        ckpt = resume_checkpoint(resume, out)
         cfg = build_config(config_file=ckpt / "config.json", overrides=overrides)
         return cfg, ckpt
     if config is not None and not config.is_file():
@@ -98,17 +97,11 @@ def train(
 
     from rich.console import Console
 
-    from fastdense.train import Trainer, check_run_dir, default_run_dir
+    from fastdense.training.run_dir import resolve_run_dir
+    from fastdense.training.trainer import Trainer
 
     console = Console(stderr=True)
-    if ckpt is not None:
-        from fastdense.checkpoint import run_dir_of
-
-        run_dir = out if out is not None else run_dir_of(ckpt)
-        check_run_dir(run_dir, resuming=True)
-    else:
-        run_dir = out if out is not None else (Path(cfg.run.out) if cfg.run.out else default_run_dir())
-        check_run_dir(run_dir, resuming=False)
+    run_dir = resolve_run_dir(cfg, out, ckpt)
     trainer = Trainer(cfg, run_dir, resume=ckpt, progress=progress and sys.stderr.isatty(), console=console)
     if trainer.dist.is_main:
         what = f"resuming {ckpt} at step {trainer.step}" if ckpt is not None else "training"

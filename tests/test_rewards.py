@@ -830,3 +830,22 @@ def test_imagereward_missing_package_and_weights(monkeypatch, tmp_path, fake_ima
     reward = get_reward("imagereward", batch_size=2)
     assert isinstance(reward, ImageRewardReward) and reward.model is fake_imagereward
     assert loaded == {"name": str(tmp_path / "ImageReward.pt"), "med_config": str(tmp_path / "med_config.json")}
+
+
+def _const_without_batch_size(value: float = 1.0):
+    """A factory that takes no batch_size (the reward still has the attribute)."""
+    return _Const(value=value)
+
+
+def test_reward_accepts_reads_the_factory_signature(monkeypatch):
+    from fastdense.rewards import reward_accepts
+
+    monkeypatch.setattr(registry_mod, "_REGISTRY", dict(registry_mod._REGISTRY))
+    register_reward("const", _Const)
+    register_reward("const_nobs", _const_without_batch_size)
+    assert reward_accepts("const", "batch_size") and reward_accepts("const", "value")
+    assert not reward_accepts("const_nobs", "batch_size")
+    assert reward_accepts("const_nobs=1.0,const=0.5", "batch_size")  # one term takes it: get_reward passes it
+    assert not reward_accepts("const_nobs=1.0", "batch_size")
+    with pytest.raises(FastdenseError, match="unknown reward"):
+        reward_accepts("no_such_reward", "batch_size")

@@ -24,7 +24,13 @@ from fastdense.rewards.builtin import (
     JpegIncompressibility,
 )
 from fastdense.rewards.colors import COLOR_NAMES, PALETTE, ToyPrompt, format_toy_prompt, parse_toy_prompt
-from fastdense.rewards.registry import available_rewards, get_reward, parse_reward_spec, register_reward
+from fastdense.rewards.registry import (
+    available_rewards,
+    get_reward,
+    parse_reward_spec,
+    register_reward,
+    reward_accepts,
+)
 
 __all__ = [
     "COLOR_NAMES",
@@ -49,5 +55,6 @@ __all__ = [
     "parse_reward_spec",
     "parse_toy_prompt",
     "register_reward",
+    "reward_accepts",
     "to_pil",
 ]

@@ -42,7 +42,7 @@ from fastdense.rewards.builtin import (
     JpegIncompressibility,
 )
 
-__all__ = ["available_rewards", "get_reward", "parse_reward_spec", "register_reward"]
+__all__ = ["available_rewards", "get_reward", "parse_reward_spec", "register_reward", "reward_accepts"]
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {
     "color_fidelity": ColorFidelity,
@@ -146,6 +146,13 @@ def _accepted(factory: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[st
         return dict(kwargs)
     names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return {k: v for k, v in kwargs.items() if k in names}
+
+
+def reward_accepts(name_or_spec: str, option: str) -> bool:
+    """Whether :func:`get_reward` takes ``option`` for this name or spec: the reward's factory (for
+    a weighted sum, at least one term's) names it, takes ``**kwargs``, or has no signature to read.
+    Raises FastdenseError for an unknown reward, as :func:`get_reward` does."""
+    return any(option in _accepted(_resolve(term), {option: None}) for term, _ in parse_reward_spec(name_or_spec))
 
 
 def _build(term: str, factory: Callable[..., Any], kwargs: Mapping[str, Any]) -> Reward:
