@@ -7,8 +7,9 @@ the new latent straight into ``latents[:, t+1]`` with the fused ``ddim_step`` op
 which also returns ``‖x'_stored − μ‖²`` (log π_old of the stored transition, up to
 constants: DESIGN.md §1).
 
-Per step and micro-batch the UNet runs once on ``cat([x, x])`` with
-``cat([uncond, cond])`` embeddings (guidance ≠ 1), or once on ``x`` (guidance = 1).
+Per step and micro-batch the UNet runs once through the backbone seam
+(:class:`fastdense.models.backbone.UNetBackbone`): on ``[x | x]`` with ``[uncond | cond]``
+embeddings (guidance ≠ 1), or once on ``x`` (guidance = 1).
 Each sample ``i`` owns a generator (``seed + i``) that draws its initial noise and
 then one noise tensor per step, in the order diffusers' ``StableDiffusionPipeline``
 with a list of generators draws them, so sample ``i`` does not depend on the batch
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fastdense.errors import FastdenseError
+from fastdense.models.backbone import UNetBackbone, cfg_enabled
 from fastdense.models.loading import PipelineParts, adapters_disabled, has_adapters
 from fastdense.models.prompts import PromptEncoder
 from fastdense.schedule import StepTable, step_table
@@ -171,7 +173,7 @@ def default_compile(device: torch.device) -> bool:
 
 
 class Sampler:
-    """Holds the UNet (maybe compiled), the prompt-embedding cache and step tables.
+    """Holds the UNet (maybe compiled) and the prompt-embedding cache in a backbone, and step tables.
 
     Build it from ``PipelineParts`` (``Sampler(parts)``) or from the pieces
     (``Sampler(unet=..., encoder=..., scheduler_config=...)``). ``micro_batch``: a
@@ -227,6 +229,7 @@ class Sampler:
         self._set_attention(attention)
         options = {"dynamic": False, **(compile_options or {})}
         self._model = torch.compile(unet, **options) if self.compile else unet
+        self.backbone = UNetBackbone(unet, encoder, module=self._model)  # the one CFG model call
         self._tables: dict[tuple, StepTable] = {}
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -254,9 +257,6 @@ class Sampler:
         if key not in self._tables:
             self._tables[key] = step_table(self.scheduler_config, num_steps, eta=eta)
         return self._tables[key]
-
-    def _unet(self, x: Tensor, t: Tensor, enc: Tensor) -> Tensor:
-        return self._model(x, t, encoder_hidden_states=enc, return_dict=False)[0]
 
     # -- sampling ---------------------------------------------------------------------------------
 
@@ -329,15 +329,14 @@ class Sampler:
             seeds_tensor = torch.tensor(seeds, dtype=torch.int64)
             gens = make_generators(seeds, self.device if generator_device is None else generator_device)
 
-        cfg = guidance != 1.0
+        cfg = cfg_enabled(guidance)
         policy_adapters = has_adapters(self.unet)
         extra_ref_pass = ref_residual and policy_adapters
 
         # Prompt embeddings: once per unique prompt (cached across calls).
         unique = list(dict.fromkeys(prompts))
         prompt_ids = torch.tensor([unique.index(p) for p in prompts], dtype=torch.int64)
-        cond = self.encoder.encode(unique).to(device=self.device, dtype=self.model_dtype)  # [U, L, D]
-        uncond = self.encoder.unconditional().to(device=self.device, dtype=self.model_dtype) if cfg else None
+        cond = self.backbone.encode(unique)  # [U, L, D] (the empty prompt's: at the first CFG batch)
 
         # Records, allocated once.
         dev = self.device
@@ -356,7 +355,7 @@ class Sampler:
         coef_b = table.coef_b.tolist()
         sigma = table.sigma.tolist()
 
-        # Workspaces of one micro-batch, reused by every step.
+        # Workspaces of one micro-batch, reused by every step (and the UNet input by every micro-batch).
         mb = self.micro_batch or B
         rows = 2 * mb if cfg else mb
         model_in = torch.zeros((rows, C, H, W), dtype=self.model_dtype, device=dev)
@@ -372,11 +371,8 @@ class Sampler:
                 stop = min(start + mb, B)
                 n = stop - start
                 ids = prompt_ids[start:stop].to(dev)
-                cond_mb = cond[ids]
-                if n < mb:  # pad with the last row: a fixed UNet batch (graph reuse)
-                    cond_mb = torch.cat([cond_mb, cond_mb[-1:].expand(mb - n, -1, -1)])
-                enc = torch.cat([uncond.unsqueeze(0).expand(mb, -1, -1), cond_mb]) if cfg else cond_mb
-                enc = enc.contiguous()
+                # a fixed UNet batch of mb rows per half, padded with the last sample (graph reuse)
+                batch = self.backbone.batch(cond[ids], cfg=cfg, rows=mb, x_rows=model_in)
                 g_mb = gens[start:stop]
 
                 for j, g in enumerate(g_mb):  # initial noise, as diffusers' prepare_latents draws it
@@ -386,12 +382,9 @@ class Sampler:
                 for t in range(T):
                     x = latents[start:stop, (t + slot_offset) % num_slots]
                     x_next = latents[start:stop, (t + 1 + slot_offset) % num_slots]
-                    model_in[:n].copy_(x)
-                    if cfg:
-                        model_in[mb : mb + n].copy_(x)
+                    batch.load(x)
                     tt = timesteps[t]
-                    out = self._unet(model_in, tt, enc)
-                    eps_u, eps_c = (out[:n], out[mb : mb + n]) if cfg else (None, out[:n])
+                    eps_u, eps_c = self.backbone.output(batch, tt)
                     for j, g in enumerate(g_mb):
                         _randn_into(noise[j], g)
                     sq[start:stop, t] = ddim_step(
@@ -413,8 +406,7 @@ class Sampler:
                         x0[start:stop, x0_slot[t]] = table.x0_from_output(x, eps_hat, t).to(latent_dtype)
                     if extra_ref_pass:
                         with adapters_disabled(self.unet):
-                            out_r = self._unet(model_in, tt, enc)
-                        ru, rc = (out_r[:n], out_r[mb : mb + n]) if cfg else (None, out_r[:n])
+                            ru, rc = self.backbone.output(batch, tt)
                         ref_sq[start:stop, t] = squared_residual(
                             rc, ru, x, x_next, coef_a[t], coef_b[t], guidance=guidance, impl=self.kernel_impl
                         )

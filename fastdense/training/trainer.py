@@ -176,6 +176,7 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
 
     def _build_rest(self) -> None:
         from fastdense.buffer import ReplayBuffer
+        from fastdense.models.backbone import cfg_enabled
         from fastdense.sampler import Sampler
 
         cfg = self.cfg
@@ -185,10 +186,11 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
             compile=cfg.model.compile,
             attention=cfg.model.attention,
         )
-        self.encoder = self.sampler.encoder
+        self.backbone = self.sampler.backbone  # prompt encoding and the CFG UNet call, shared with the sampler
+        self.encoder = self.backbone.encoder
         # Every prompt encoded once, in a fixed order: the same embeddings bit for bit in a resumed run.
         self.encoder.encode(list(dict.fromkeys([*self.prompts, *self.eval_prompts])))
-        self.uncond = self.encoder.unconditional().to(device=self.device, dtype=self.model_dtype)
+        self.uncond = self.backbone.unconditional()
         self.table = self.sampler.table(cfg.sampling.num_steps, cfg.sampling.eta)
         self.timesteps = self.table.timesteps.to(self.device)
         self.buffer = ReplayBuffer(cfg.train.buffer_prompts, cfg.objective.group_size, device=self.device)
@@ -198,7 +200,7 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
             "slots": torch.Generator().manual_seed(_mix(seed, rank, 2)),
             "ties": torch.Generator().manual_seed(_mix(seed, rank, 3)),
         }
-        self.cfg_guidance = cfg.sampling.guidance != 1.0
+        self.cfg_guidance = cfg_enabled(cfg.sampling.guidance)
 
     # ------------------------------------------------------------------- helpers
     @property

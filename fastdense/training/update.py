@@ -2,9 +2,10 @@
 fused log-ratio op into the ranking loss, and one optimizer update from them.
 
 A micro-batch (:meth:`UpdateMixin.micro_batch`): the (trajectory × step) items of ``plan_items``
-go through the policy UNet in ONE call (``cat([x, x])`` with ``cat([uncond, cond])``), then the
-fused ``log_ratio`` op (weights from the plan, reference residuals from the buffer cache) gives
-logits [groups, G], ranked by reward into ``listmle_loss``, and ``engine.backward``. Missing
+go through the policy UNet in ONE call of the backbone seam (:mod:`fastdense.models.backbone`:
+``[x | x]`` with ``[uncond | cond]``), then the fused ``log_ratio`` op (weights from the plan,
+reference residuals from the buffer cache) gives logits [groups, G], ranked by reward into
+``listmle_loss``, and ``engine.backward``. Missing
 π_init residuals of the sampled items are computed in one batched no-grad pass with the adapters
 disabled and cached in the buffer; in the first round (sampled by π_init itself) they are the
 sampler's own residuals.
@@ -48,17 +49,10 @@ class UpdateMixin:
     """Micro-batches and optimizer updates; part of :class:`fastdense.training.trainer.Trainer`."""
 
     def _unet_out(self, module, x: torch.Tensor, steps: torch.Tensor, cond: torch.Tensor):
-        """One UNet call on all items: (eps_uncond or None, eps_cond)."""
-        n = x.shape[0]
+        """One call of ``module`` (the engine, or a reference UNet) through the backbone on all items
+        at their generation steps: (eps_uncond or None, eps_cond)."""
         t = self.timesteps[steps.to(self.device)]
-        xin = x.to(self.model_dtype)
-        cond = cond.to(self.model_dtype)
-        if self.cfg_guidance:
-            xin = torch.cat([xin, xin])
-            t = torch.cat([t, t])
-            cond = torch.cat([self.uncond.unsqueeze(0).expand(n, -1, -1), cond])
-        out = module(xin, t, encoder_hidden_states=cond, return_dict=False)[0]
-        return (out[:n], out[n:]) if self.cfg_guidance else (None, out)
+        return self.backbone(x, t, cond, cfg=self.cfg_guidance, module=module)
 
     def _fill_reference(self, slot: torch.Tensor, member: torch.Tensor, step: torch.Tensor, force: bool) -> int:
         """π_init residuals of the items not cached yet: one batched no-grad pass, written to the buffer."""
