@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from numbers import Real
 from typing import NamedTuple
 
 import torch
@@ -48,8 +47,6 @@ FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 def check_float_dtype(t: Tensor, name: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} has dtype {t.dtype}; allowed: float64, float32, bfloat16, float16")
-
-
 
 
 def check_item_tensor(t: torch.Tensor, name: str, like: torch.Tensor, *, float_only: bool = True) -> None:
@@ -92,11 +89,28 @@ def per_item(value: float | torch.Tensor, n: int, name: str, device: torch.devic
     return torch.full((n,), float(value), dtype=torch.float32, device=device)
 
 
+def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 when any given tensor is float64, else float32: the dtype the ops compute and sum in."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def per_item_tensor(value: Tensor, n: int, name: str, device: torch.device, acc: torch.dtype) -> Tensor:
     """A [n] / scalar float tensor of per-item coefficients as a [n] tensor in ``acc``."""
     if value.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} has dtype {value.dtype}; allowed: a python number or a float tensor")
     return per_item(value, n, name, device).to(acc)
+
+
+def check_number(value: numbers.Real, name: str, *, nonneg: bool = False, allowed: str = "a real number") -> float:
+    """A python real number (not a bool, not a tensor), finite, and >= 0 with ``nonneg``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {allowed}, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}={v} must be finite")
+    if nonneg and v < 0:
+        raise ValueError(f"{name}={v} must be >= 0 (0 for deterministic η = 0 steps)")
+    return v
 
 
 # ---------------------------------------------------------------------------
@@ -132,10 +146,6 @@ class PreparedLogRatio(NamedTuple):
         return math.prod(self.eps_cond.shape[1:])
 
 
-
-
-def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _per_item_acc(value, n: int, name: str, device: torch.device, acc: torch.dtype) -> Tensor:
@@ -263,8 +273,6 @@ def prepare_log_ratio(
 # ddim_step
 
 
-
-
 def _item_intervals(t: Tensor) -> tuple[Tensor, int]:
     """Start byte address of every item of ``t`` ([B] int64) and the item length in bytes."""
     esz = t.element_size()
@@ -290,18 +298,8 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
 
 
-def check_number(value: Real, name: str, *, nonneg: bool = False, allowed: str = "a real number") -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{name} must be {allowed}, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name}={v} must be finite")
-    if nonneg and v < 0:
-        raise ValueError(f"{name}={v} must be >= 0 (0 for deterministic η = 0 steps)")
-    return v
-
-
 def ddim_coef(value, n: int, name: str, device: torch.device, acc: torch.dtype, *, nonneg: bool = False) -> Tensor:
+    """A coefficient (number or [B] / scalar tensor) as [B] in ``acc``; tensor values are checked on CPU only."""
     if isinstance(value, Tensor):
         t = per_item_tensor(value, n, name, device, acc)
         if t.device.type == "cpu" and t.numel():
@@ -315,6 +313,7 @@ def ddim_coef(value, n: int, name: str, device: torch.device, acc: torch.dtype, 
 
 
 def validate_ddim_step(x, eps_cond, eps_uncond, noise, out) -> torch.dtype:
+    """Check the tensors of ``ddim_step``; returns the math dtype (float64 when an input is float64)."""
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2:
@@ -337,5 +336,4 @@ def validate_ddim_step(x, eps_cond, eps_uncond, noise, out) -> torch.dtype:
                 f"out partially overlaps {name}; out must either be {name} itself (same memory, strides and "
                 "dtype: an in-place step) or share no memory with it"
             )
-    ins = (x, eps_cond, noise) + ((eps_uncond,) if eps_uncond is not None else ())
-    return torch.float64 if any(t.dtype == torch.float64 for t in ins) else torch.float32
+    return accumulation_dtype(x, eps_cond, eps_uncond, noise)
