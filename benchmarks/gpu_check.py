@@ -100,7 +100,7 @@ def main() -> int:
     device = torch.device("cuda")
     from fastdense.benchmarks.kernels import run_kernel_benchmarks
     from fastdense.benchmarks.timing import copy_bandwidth_gbps
-    from fastdense.cli.env import collect_env
+    from fastdense.env import collect_env
 
     t0 = time.time()
     report: dict = {"env": collect_env(), "date": time.strftime("%Y-%m-%d")}

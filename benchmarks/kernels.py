@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fastdense.benchmarks.timing import count_cuda_kernels, time_once_ms
+from fastdense.devices import DTYPES
 
 LATENT_SHAPE = (4, 64, 64)  # SD1.5 latents at 512×512
 DEFAULT_NS = (8, 32, 128)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -90,7 +90,9 @@ def make_log_ratio_inputs(n: int, dtype: torch.dtype, device: torch.device, shap
                           traj_index, num_traj)
 
 
-def _log_ratio_call(impl: str, inp: LogRatioInputs) -> Callable[[], torch.Tensor]:
+def log_ratio_call(impl: str, inp: LogRatioInputs) -> Callable[[], torch.Tensor]:
+    """A no-argument call of the log-ratio op (``naive`` formula or ``impl`` of the fused op) on ``inp``:
+    what the benchmark times and ``fastdense profile kernels`` traces."""
     from fastdense.kernels.log_ratio import log_ratio
     from fastdense.kernels.log_ratio_torch import log_ratio_naive
 
@@ -127,7 +129,7 @@ def log_ratio_case(impl: str, n: int, dtype_name: str, device: torch.device) -> 
     inp = make_log_ratio_inputs(n, DTYPES[dtype_name], device)
     for t in (inp.eps_u, inp.eps_c):
         t.requires_grad_(True)
-    call = _log_ratio_call(impl, inp)
+    call = log_ratio_call(impl, inp)
     upstream = torch.randn(inp.num_traj, device=device)
     state: dict[str, torch.Tensor] = {}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdense.benchmarks.kernels import DTYPES, _log_ratio_call, make_log_ratio_inputs
+from fastdense.benchmarks.kernels import DTYPES, log_ratio_call, make_log_ratio_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IMPLS = ["naive", "torch"] + (["triton"] if DEVICE.type == "cuda" else [])
@@ -27,7 +27,7 @@ def test_log_ratio_fwd_bwd(benchmark, impl, dtype, n):
     inp = make_log_ratio_inputs(n, DTYPES[dtype], DEVICE)
     inp.eps_u.requires_grad_(True)
     inp.eps_c.requires_grad_(True)
-    call = _log_ratio_call(impl, inp)
+    call = log_ratio_call(impl, inp)
     upstream = torch.randn(inp.num_traj, device=DEVICE)
     benchmark.group = f"log_ratio fwd+bwd {dtype} n={n}"
 

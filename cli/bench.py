@@ -8,19 +8,9 @@ from typing import Annotated
 
 import typer
 
+from fastdense.cli._options import device_option, dtype_option, json_option, parse_dtype, resolve_device
+
 app = typer.Typer(no_args_is_help=True)
-
-
-def resolve_device(device: str):
-    import torch
-
-    if device not in ("cpu", "cuda", "auto"):
-        raise ValueError(f"--device {device!r} is not allowed; allowed: cpu, cuda, auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
 
 
 def write_json(rows: list[dict], path: Path | None) -> None:
@@ -53,10 +43,10 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
 
 @app.command("kernels")
 def kernels(
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the rows as JSON to this file.")] = None,
+    device: Annotated[str, device_option()] = "auto",
+    json_path: Annotated[Path | None, json_option()] = None,
     n: Annotated[list[int] | None, typer.Option("--n", help="Items per call (repeatable).")] = None,
-    dtype: Annotated[list[str] | None, typer.Option("--dtype", help="fp32, bf16, fp16 (repeatable).")] = None,
+    dtype: Annotated[list[str] | None, dtype_option("fp32, bf16, fp16 (repeatable).")] = None,
     impl: Annotated[
         list[str] | None,
         typer.Option("--impl", help="naive, torch, torch_compile, triton (repeatable; default: all for the device)."),
@@ -65,7 +55,7 @@ def kernels(
     repeats: Annotated[int, typer.Option(help="Timed repeats per cell; the median is reported.")] = 10,
 ) -> None:
     """Log-ratio and sampling-step kernels side by side (SD1.5 latents 4×64×64)."""
-    from fastdense.benchmarks.kernels import DEFAULT_NS, DTYPES, default_impls, run_kernel_benchmarks
+    from fastdense.benchmarks.kernels import DEFAULT_NS, default_impls, run_kernel_benchmarks
 
     dev = resolve_device(device)
     ns = n or list(DEFAULT_NS)
@@ -73,8 +63,7 @@ def kernels(
         raise ValueError(f"--n {ns} is not allowed; each must be >= 1")
     dtypes = dtype or ["fp32", "bf16"]
     for d in dtypes:
-        if d not in DTYPES:
-            raise ValueError(f"--dtype {d!r} is not allowed; allowed: {', '.join(DTYPES)}")
+        parse_dtype(d)
     impls = impl or default_impls(dev)
     allowed_impls = ("naive", "torch", "torch_compile", "triton")
     for i in impls:
@@ -106,8 +95,8 @@ def kernels(
 
 @app.command("sampler")
 def sampler(
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the rows as JSON to this file.")] = None,
+    device: Annotated[str, device_option()] = "auto",
+    json_path: Annotated[Path | None, json_option()] = None,
     batch: Annotated[int, typer.Option(help="Trajectories per call (one UNet micro-batch).")] = 8,
     steps: Annotated[int | None, typer.Option(help="DDIM steps (default 20 on CPU, 50 with --gpu-shapes).")] = None,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
@@ -152,8 +141,8 @@ def sampler(
 
 @app.command("train")
 def train(
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the rows as JSON to this file.")] = None,
+    device: Annotated[str, device_option()] = "auto",
+    json_path: Annotated[Path | None, json_option()] = None,
     repeats: Annotated[int, typer.Option(help="Timed steps per mode; the median is reported.")] = 3,
     steps: Annotated[int, typer.Option(help="DDIM steps of the stored trajectories.")] = 10,
     group_size: Annotated[int, typer.Option(help="Trajectories per comparison group (G).")] = 4,

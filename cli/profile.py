@@ -7,43 +7,48 @@ from typing import Annotated
 
 import typer
 
+from fastdense.cli._options import (
+    check_out_dir,
+    device_option,
+    dtype_option,
+    out_option,
+    parse_dtype,
+    resolve_device,
+)
+
 app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("kernels")
 def kernels(
-    out: Annotated[Path, typer.Option(help="Directory for the Chrome trace JSON.")] = Path("profile-kernels"),
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    out: Annotated[Path, out_option("Directory for the Chrome trace JSON.")] = Path("profile-kernels"),
+    device: Annotated[str, device_option()] = "auto",
     impl: Annotated[str, typer.Option(help="naive, torch, torch_compile, triton or auto.")] = "auto",
     n: Annotated[int, typer.Option(help="Items per call.")] = 32,
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    dtype: Annotated[str, dtype_option("fp32, bf16 or fp16.")] = "fp32",
     steps: Annotated[int, typer.Option(help="Profiled forward+backward calls.")] = 5,
     top: Annotated[int, typer.Option(help="Rows of the top-ops table.")] = 15,
 ) -> None:
     """Profile forward+backward of the log-ratio op and print the top ops."""
-    from fastdense.cli.bench import resolve_device
-
     dev = resolve_device(device)
     if n < 1 or steps < 1 or top < 1:
         raise ValueError(f"--n {n}, --steps {steps}, --top {top}: each must be >= 1")
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from fastdense.benchmarks.kernels import DTYPES, _log_ratio_call, make_log_ratio_inputs
+    from fastdense.benchmarks.kernels import log_ratio_call, make_log_ratio_inputs
     from fastdense.kernels.dispatch import resolve_impl
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    torch_dtype = parse_dtype(dtype)
     if impl != "naive":
         impl = resolve_impl(impl, dev)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    inp = make_log_ratio_inputs(n, DTYPES[dtype], dev)
+    inp = make_log_ratio_inputs(n, torch_dtype, dev)
     inp.eps_u.requires_grad_(True)
     inp.eps_c.requires_grad_(True)
-    call = _log_ratio_call(impl, inp)
+    call = log_ratio_call(impl, inp)
     upstream = torch.randn(inp.num_traj, device=dev)
     for _ in range(2):  # warm-up (and compilation) outside the trace
         call().backward(upstream)

@@ -17,9 +17,17 @@ from typing import Annotated
 
 import typer
 
+from fastdense.cli._options import (
+    check_out_dir,
+    device_option,
+    dtype_option,
+    out_option,
+    parse_dtype,
+    progress_bar,
+    resolve_device,
+    seed_option,
+)
 from fastdense.errors import FastdenseError
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
@@ -77,18 +85,6 @@ def check_args(*, steps: int, guidance: float, num_images: int, eta: float, micr
         raise FastdenseError(f"--micro-batch {micro_batch} is not allowed; allowed: >= 1")
 
 
-def _resolve_device(device: str):
-    import torch
-
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise FastdenseError(f"--device {device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FastdenseError(f"--device {device} was asked for but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
-
-
 @contextlib.contextmanager
 def _library_warnings(console):
     """The library's ``warning: ...`` lines (a truncated prompt) printed once each through the
@@ -142,22 +138,22 @@ def sample(
         typer.Option("--model", help="A diffusers pipeline directory (or hub id); default: the shipped toy model."),
     ] = None,
     lora: Annotated[Path | None, typer.Option("--lora", help="A LoRA adapter directory to sample with.")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("out/samples"),
+    out: Annotated[Path, out_option("Output directory.")] = Path("out/samples"),
     num_images: Annotated[int, typer.Option("--num-images", help="Images per prompt.")] = 1,
     steps: Annotated[int | None, typer.Option("--steps", help="DDIM steps (default 50; toy model 20).")] = None,
     guidance: Annotated[
         float | None, typer.Option("--guidance", help="CFG scale, 1 = none (default 7.5; toy model 3).")
     ] = None,
     eta: Annotated[float, typer.Option("--eta", help="DDIM eta (1 = stochastic, as in training).")] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="Image k uses seed + k (reproducible).")] = 0,
+    seed: Annotated[int, seed_option("Image k uses seed + k (reproducible).")] = 0,
     trajectory: Annotated[
         bool, typer.Option("--trajectory", help="Also write a picture of x̂0 at chosen steps per image.")
     ] = False,
     trajectory_steps: Annotated[
         str | None, typer.Option("--trajectory-steps", help="Comma-separated steps for --trajectory (default: 5).")
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: fp32, bf16 or fp16.")] = "fp32",
+    device: Annotated[str, device_option()] = "auto",
+    dtype: Annotated[str, dtype_option("Model dtype: fp32, bf16 or fp16.")] = "fp32",
     micro_batch: Annotated[int, typer.Option("--micro-batch", help="Images per UNet call.")] = 8,
     compile: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the UNet (default: on CUDA only).")
@@ -178,37 +174,26 @@ def sample(
     guidance = 7.5 if guidance is None else guidance
     check_args(steps=steps, guidance=guidance, num_images=num_images, eta=eta, micro_batch=micro_batch)
     prompt_list = read_prompts(prompts, prompts_file)
-    if dtype not in DTYPES:
-        raise FastdenseError(f"--dtype {dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    torch_dtype = parse_dtype(dtype)
     if lora is not None and not lora.exists():
         raise FastdenseError(f"--lora {lora} does not exist")
     traj_steps = parse_steps(trajectory_steps, steps) if trajectory else []
-    if out.exists() and not out.is_dir():
-        raise FastdenseError(f"--out {out} exists and is not a directory")
+    check_out_dir(out)
 
     import torch
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fastdense.models.loading import load_pipeline_parts
     from fastdense.sampler import Sampler, decode
 
     console = Console(stderr=True)
-    dev = _resolve_device(device)
-    torch_dtype = getattr(torch, DTYPES[dtype])
+    dev = resolve_device(device)
     parts = load_pipeline_parts(model, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code, lora=lora)
 
     all_prompts = [p for p in prompt_list for _ in range(num_images)]
     total = len(all_prompts)
     sampler = Sampler(parts, micro_batch=min(micro_batch, total), compile=compile, attention=attention)
-    with _library_warnings(console), Progress(
-        TextColumn("sampling"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with _library_warnings(console), progress_bar("sampling", console=console, transient=True) as bar:
         task = bar.add_task("sampling", total=total * steps)
         traj = sampler.sample(
             all_prompts,

@@ -39,8 +39,9 @@ def pretrain(
     import json
     import os
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import TextColumn
 
+    from fastdense.cli._options import progress_bar
     from fastdense.toy import shipped_weights_path
     from fastdense.toy.pretrain import PretrainConfig
     from fastdense.toy.pretrain import pretrain as run_pretrain
@@ -62,14 +63,7 @@ def pretrain(
     config = PretrainConfig(seed=seed, **{k: v for k, v in overrides.items() if v is not None})
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    with Progress(
-        TextColumn("[bold]pretrain"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        transient=False,
-    ) as bar:
+    with progress_bar("[bold]pretrain", TextColumn("loss {task.fields[loss]:.4f}"), transient=False) as bar:
         task = bar.add_task("pretrain", total=config.steps, loss=float("nan"))
 
         def progress(step: int, loss: float) -> None:

@@ -25,6 +25,7 @@ from typing import Annotated
 
 import typer
 
+from fastdense.cli._options import device_option, out_option, progress_option, seed_option
 from fastdense.errors import FastdenseError
 
 DEFAULT_PRESET = "toy"
@@ -72,7 +73,7 @@ def train(
     resume: Annotated[
         str | None, typer.Option("--resume", help="Continue a run: 'latest' (in --out) or a checkpoint directory.")
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Run directory (new or empty; default runs/TIME).")] = None,
+    out: Annotated[Path | None, out_option("Run directory (new or empty; default runs/TIME).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config (JSON) and exit.")] = False,
     rounds: Annotated[int | None, typer.Option("--rounds", help="Rounds of collect + update (train.rounds).")] = None,
     updates: Annotated[
@@ -80,9 +81,9 @@ def train(
     ] = None,
     model: Annotated[str | None, typer.Option("--model", help="Diffusers pipeline directory (model.path).")] = None,
     reward: Annotated[str | None, typer.Option("--reward", help="Reward name or spec (reward.name).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Training seed (train.seed).")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (run.device).")] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    seed: Annotated[int | None, seed_option("Training seed (train.seed).")] = None,
+    device: Annotated[str | None, device_option("auto, cpu, cuda or cuda:N (run.device).")] = None,
+    progress: Annotated[bool, progress_option()] = True,
 ) -> None:
     """Train a text-to-image model with the dense-reward (temporally discounted DPO) objective."""
     sets = list(overrides or [])

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastdense.errors import FastdenseError
+from fastdense.errors import FastdenseError, one_line
 
 __all__ = [
     "COMPLETE",
@@ -141,7 +141,7 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     try:
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FastdenseError(f"checkpoint {ckpt} is corrupt: state.json cannot be read ({_one_line(err)})") from None
+        raise FastdenseError(f"checkpoint {ckpt} is corrupt: state.json cannot be read ({one_line(err)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise FastdenseError(f"checkpoint {ckpt} is corrupt: state.json holds no step counter")
     return state
@@ -176,7 +176,7 @@ def validate_checkpoint(ckpt: str | Path, *, world_size: int | None = None) -> d
     try:
         json.loads((ckpt / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FastdenseError(f"checkpoint {ckpt} is corrupt: config.json cannot be read ({_one_line(err)})") from None
+        raise FastdenseError(f"checkpoint {ckpt} is corrupt: config.json cannot be read ({one_line(err)})") from None
     return state
 
 
@@ -241,7 +241,7 @@ def restore_rng(directory: Path, rank: int, generators: dict[str, torch.Generato
         np_state = meta["numpy"]
         py_state = meta["python"]
     except (OSError, ValueError, KeyError, SafetensorError) as err:
-        raise FastdenseError(f"checkpoint RNG states in {directory} cannot be read ({_one_line(err)})") from None
+        raise FastdenseError(f"checkpoint RNG states in {directory} cannot be read ({one_line(err)})") from None
     missing = [name for name in generators if f"gen.{name}" not in tensors]
     if missing or "torch_cpu" not in tensors:
         raise FastdenseError(f"checkpoint RNG states in {directory} lack {missing or ['torch_cpu']}")
@@ -252,8 +252,3 @@ def restore_rng(directory: Path, rank: int, generators: dict[str, torch.Generato
         gen.set_state(tensors[f"gen.{name}"])
     np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))  # noqa: NPY002
     random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:300] if text else type(err).__name__

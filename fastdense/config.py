@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from fastdense.errors import FastdenseError
 
@@ -129,49 +130,78 @@ class Config:
 # --------------------------------------------------------------------------- building
 
 
+def _without_none(hint: Any) -> tuple[Any, bool]:
+    """``(type, whether None is allowed)``: ``int | None`` → ``(int, True)``, ``int`` → ``(int, False)``."""
+    if get_origin(hint) not in (Union, types.UnionType):
+        return hint, False
+    args = get_args(hint)
+    rest = tuple(arg for arg in args if arg is not type(None))
+    return (rest[0] if len(rest) == 1 else Union[rest]), len(rest) < len(args)
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    return float(value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError
+    return str(value)
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _to_list(value: Any, item: Any) -> list:
+    """A list of ``item`` (str or int); one string is one item, or for ints a comma-separated list."""
+    if item is str:
+        return [str(v) for v in ([value] if isinstance(value, str) else value)]
+    if isinstance(value, (str, int)):
+        value = [int(v) for v in str(value).split(",") if v.strip()]
+    return [int(v) for v in value]
+
+
+def _to_float_tuple(value: Any, length: int) -> tuple[float, ...]:
+    out = tuple(float(v) for v in (value.split(",") if isinstance(value, str) else value))
+    if len(out) != length:
+        raise ValueError
+    return out
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Coerce a parsed value to the field's type, or fail naming the key."""
-    text = str(hint)
+    """Coerce a parsed value to the field's type (the type hint itself, read with typing's
+    get_origin / get_args), or fail naming the key. Types without a rule pass unchanged."""
+    kind, optional = _without_none(hint)
     if value is None:
-        if "None" in text:
+        if optional:
             return None
-        raise FastdenseError(f"{key}: null is not allowed; expected {text}")
+        raise FastdenseError(f"{key}: null is not allowed; expected {hint}")
+    origin, args = get_origin(kind), get_args(kind)
     try:
-        if hint is bool or text == "bool | None":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            raise ValueError
-        if hint is int or text == "int | None":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if hint is float or text == "float | None":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if hint is str or text == "str | None":
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-        if text.startswith("list[str]"):
-            if isinstance(value, str):
-                value = [value]
-            return [str(v) for v in value]
-        if text.startswith("list[int]"):
-            if isinstance(value, (str, int)):
-                value = [int(v) for v in str(value).split(",") if v.strip()]
-            return [int(v) for v in value]
-        if text.startswith("tuple[float, float]"):
-            if isinstance(value, str):
-                value = value.split(",")
-            out = tuple(float(v) for v in value)
-            if len(out) != 2:
-                raise ValueError
-            return out
+        if kind in _SCALARS:
+            return _SCALARS[kind](value)
+        if origin is list and args in ((str,), (int,)):
+            return _to_list(value, args[0])
+        if origin is tuple and args and all(arg is float for arg in args):
+            return _to_float_tuple(value, len(args))
     except (TypeError, ValueError):
-        raise FastdenseError(f"{key}={value!r} is not allowed; expected {text}") from None
+        raise FastdenseError(f"{key}={value!r} is not allowed; expected {hint}") from None
     return value
 
 

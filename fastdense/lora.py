@@ -1,26 +1,43 @@
-"""Trainable parameters of the policy UNet: LoRA adapters (peft) or full fine-tuning.
+"""LoRA on the policy UNet (peft): adding, saving, loading, switching off; or full fine-tuning.
 
 ``add_lora`` puts a peft LoRA adapter on the UNet's attention projections (the
 config's ``lora_targets``: any linear or conv layer names; rank, alpha); rank 0 means
 full fine-tuning of the UNet instead. ``save_lora`` writes the adapter as diffusers'
 ``save_lora_weights`` does (``pytorch_lora_weights.safetensors``, keys prefixed
 ``unet.``, the LoRA config as safetensors metadata), which
-``StableDiffusionPipeline.load_lora_weights(dir)`` and
-:func:`fastdense.models.loading.load_lora` both read.
+``StableDiffusionPipeline.load_lora_weights(dir)`` and :func:`load_lora` both read.
+``load_lora`` also reads peft's ``adapter_config.json`` + ``adapter_model.safetensors``.
+``has_adapters`` / ``adapters_disabled``: whether adapters are on, and the base model for a
+while (the reference policy). ``fastdense.models`` and ``fastdense.models.loading`` re-export
+``load_lora``, ``has_adapters`` and ``adapters_disabled``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fastdense.errors import FastdenseError
 
-__all__ = ["LORA_ADAPTER", "add_lora", "lora_state_dict", "save_lora", "save_trainable", "trainable_parameters"]
+if TYPE_CHECKING:  # importing this module stays cheap (fastdense.models re-exports from it)
+    import torch
+
+__all__ = [
+    "LORA_ADAPTER",
+    "LORA_WEIGHT_NAMES",
+    "adapters_disabled",
+    "add_lora",
+    "has_adapters",
+    "load_lora",
+    "lora_state_dict",
+    "save_lora",
+    "trainable_parameters",
+]
 
 LORA_ADAPTER = "default"
+LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 
 
 def add_lora(unet, rank: int, alpha: float | None, targets: list[str], *, seed: int = 0) -> None:
@@ -34,6 +51,7 @@ def add_lora(unet, rank: int, alpha: float | None, targets: list[str], *, seed: 
     if rank == 0:
         unet.requires_grad_(True)
         return
+    import torch
     from peft import LoraConfig
 
     config = LoraConfig(
@@ -102,10 +120,124 @@ def save_lora(unet, directory: str | Path, state: dict[str, torch.Tensor] | None
     return directory / "pytorch_lora_weights.safetensors"
 
 
-def save_trainable(unet, directory: str | Path, *, lora: bool) -> Path:
-    """The training output: the LoRA adapter (``lora=True``) or the whole UNet (``save_pretrained``)."""
-    directory = Path(directory)
-    if lora:
-        return save_lora(unet, directory)
-    unet.save_pretrained(str(directory))
-    return directory
+# ---------------------------------------------------------------------------
+# Loading adapters and switching them off
+
+
+def _peft_layers(module) -> Iterator[Any]:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft not installed: no adapters possible
+        return iter(())
+    return (m for m in module.modules() if isinstance(m, BaseTunerLayer))
+
+
+def has_adapters(unet) -> bool:
+    """True when ``unet`` carries peft adapter layers that are switched on."""
+    return any(not layer.disable_adapters for layer in _peft_layers(unet))
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet) -> Iterator[None]:
+    """Run the base model: every peft adapter layer of ``unet`` off, restored afterwards."""
+    layers = [layer for layer in _peft_layers(unet) if not layer.disable_adapters]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def load_lora(unet, lora: str | Path, *, adapter_name: str = LORA_ADAPTER) -> str:
+    """Load a LoRA adapter directory onto ``unet`` (a diffusers UNet); returns the adapter name.
+
+    Accepted layouts: diffusers (``pytorch_lora_weights.safetensors``, keys optionally
+    prefixed ``unet.``, as ``save_lora_weights`` / ``save_lora_adapter`` write), or peft
+    (``adapter_config.json`` + ``adapter_model.safetensors``).
+    """
+    path = Path(lora).expanduser()
+    if not path.exists():
+        raise FastdenseError(f"LoRA directory {path} does not exist")
+    if path.is_file():
+        weight_file = path
+        path = path.parent
+    else:
+        found = [path / n for n in LORA_WEIGHT_NAMES if (path / n).is_file()]
+        if not found:
+            found = sorted(path.glob("*.safetensors"))
+        if not found:
+            raise FastdenseError(
+                f"LoRA directory {path} holds no LoRA weights (expected {' or '.join(LORA_WEIGHT_NAMES)})"
+            )
+        weight_file = found[0]
+    if adapter_name in (getattr(unet, "peft_config", None) or {}):
+        raise FastdenseError(f"the UNet already has an adapter named {adapter_name!r}")
+
+    from safetensors.torch import load_file
+
+    from fastdense.models.loading import read_json_object  # here: models.loading imports this module
+
+    try:
+        state = load_file(str(weight_file))
+    except Exception as err:  # OSError or safetensors' own error (its name differs across versions)
+        raise FastdenseError(f"LoRA weights {weight_file} cannot be read ({err})") from None
+
+    config_path = weight_file.parent / "adapter_config.json"
+    if config_path.is_file():
+        _load_peft_format(unet, state, read_json_object(config_path, "bad LoRA config"), adapter_name, weight_file)
+        return adapter_name
+
+    if any(k.startswith("unet.") for k in state):
+        prefix = "unet"
+    elif any(k.startswith(("text_encoder.", "text_encoder_2.")) for k in state):
+        raise FastdenseError(f"LoRA weights {weight_file} hold no UNet layers (only text encoder layers)")
+    else:
+        prefix = None
+    try:
+        unet.load_lora_adapter(
+            str(weight_file.parent),
+            weight_name=weight_file.name,
+            prefix=prefix,
+            adapter_name=adapter_name,
+            local_files_only=True,
+        )
+    except FastdenseError:
+        raise
+    except Exception as err:
+        msg = " ".join(str(err).split())[:300]
+        raise FastdenseError(f"LoRA weights {weight_file} do not fit this UNet ({type(err).__name__}: {msg})") from None
+    if adapter_name not in (getattr(unet, "peft_config", None) or {}):
+        raise FastdenseError(f"LoRA weights {weight_file} hold no layers of this UNet")
+    return adapter_name
+
+
+def _load_peft_format(unet, state: dict, config: dict, adapter_name: str, weight_file: Path) -> None:
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    allowed = set(LoraConfig.__dataclass_fields__)
+    kwargs = {k: v for k, v in config.items() if k in allowed and k not in ("base_model_name_or_path", "revision")}
+    try:
+        lora_config = LoraConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise FastdenseError(f"bad LoRA config next to {weight_file} ({err})") from None
+    prefixes = ("base_model.model.", "unet.")
+    cleaned = {}
+    for key, value in state.items():
+        for p in prefixes:
+            if key.startswith(p):
+                key = key[len(p) :]
+                break
+        cleaned[key] = value
+    try:
+        unet.add_adapter(lora_config, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(unet, cleaned, adapter_name=adapter_name)
+    except Exception as err:
+        msg = " ".join(str(err).split())[:300]
+        raise FastdenseError(f"LoRA weights {weight_file} do not fit this UNet ({type(err).__name__}: {msg})") from None
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]
+    if unexpected:
+        raise FastdenseError(
+            f"LoRA weights {weight_file} hold {len(unexpected)} keys this UNet lacks, e.g. {unexpected[0]}"
+        )

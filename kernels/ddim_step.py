@@ -33,14 +33,13 @@ BLOCK_SIZE elements); a fixed-order torch sum over the chunks finishes the
 residual, so results are bitwise reproducible (no atomics).
 """
 
-import math
-from numbers import Real
 
 import torch
 from torch import Tensor
 
+from ._checks import check_number, ddim_coef, validate_ddim_step
 from .ddim_step_torch import compiled_ddim_step_torch, ddim_step_reference, ddim_step_torch
-from .dispatch import check_item_tensor, per_item, resolve_impl
+from .dispatch import resolve_impl
 
 try:  # triton is a Linux-only dependency; the torch paths work without it
     import triton
@@ -51,7 +50,6 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["ddim_step", "ddim_step_triton"]
 
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_BLOCK_SIZE = 1024
 _MAX_GRID_DIM1 = 65535
 
@@ -170,88 +168,6 @@ def ddim_step_triton(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Input checks
-
-
-def _item_intervals(t: Tensor) -> tuple[Tensor, int]:
-    """Start byte address of every item of ``t`` ([B] int64) and the item length in bytes."""
-    esz = t.element_size()
-    starts = t.data_ptr() + torch.arange(t.shape[0], dtype=torch.int64) * (t.stride(0) * esz)
-    return starts, t[0].numel() * esz
-
-
-def _overlaps(a: Tensor, b: Tensor) -> bool:
-    """True when some item of ``a`` shares memory with some item of ``b`` (items contiguous)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    sa, la = _item_intervals(a)
-    sb, lb = _item_intervals(b)
-    if int(sa[-1]) + la <= int(sb[0]) or int(sb[-1]) + lb <= int(sa[0]):
-        return False  # disjoint spans: the common case, no per-item work
-    ea = sa + la  # starts and ends of a's items are non-decreasing (stride >= 0)
-    k = torch.searchsorted(sa, sb + lb, side="left")  # items of a starting before each b item ends
-    last_end = torch.where(k > 0, ea[(k - 1).clamp(min=0)], torch.zeros_like(k))
-    return bool(((k > 0) & (last_end > sb)).any())
-
-
-def _same_view(a: Tensor, b: Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-
-
-def _check_number(value: Real, name: str, *, nonneg: bool = False, allowed: str = "a real number") -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{name} must be {allowed}, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name}={v} must be finite")
-    if nonneg and v < 0:
-        raise ValueError(f"{name}={v} must be >= 0 (0 for deterministic η = 0 steps)")
-    return v
-
-
-def _coef(value, n: int, name: str, device: torch.device, acc: torch.dtype, *, nonneg: bool = False) -> Tensor:
-    if isinstance(value, Tensor):
-        if value.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} has dtype {value.dtype}; allowed: a float tensor or a python number")
-        t = per_item(value, n, name, device).to(acc)
-        if t.device.type == "cpu" and t.numel():
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} has non-finite entries")
-            if nonneg and bool((t < 0).any()):
-                raise ValueError(f"{name} has negative entries; σ must be >= 0 (0 for deterministic η = 0 steps)")
-        return t
-    v = _check_number(value, name, nonneg=nonneg, allowed="a real number or a [B] / scalar tensor")
-    return torch.full((n,), v, dtype=acc, device=device)
-
-
-def _validate(x, eps_cond, eps_uncond, noise, out) -> torch.dtype:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"x has shape {tuple(x.shape)}; it must be [B, *S] with at least one sample dim")
-    check_item_tensor(x, "x", x)
-    check_item_tensor(eps_cond, "eps_cond", x)
-    if eps_uncond is not None:
-        check_item_tensor(eps_uncond, "eps_uncond", x)
-    check_item_tensor(noise, "noise", x)
-    check_item_tensor(out, "out", x)
-    n, d = x.shape[0], x[0].numel() if x.shape[0] else math.prod(x.shape[1:])
-    if n > 1 and d > 0 and out.stride(0) < d:
-        raise ValueError(
-            f"out has strides {tuple(out.stride())}; its items overlap each other (dim-0 stride must be >= {d})"
-        )
-    inputs = {"x": x, "eps_cond": eps_cond, "eps_uncond": eps_uncond, "noise": noise}
-    for name, t in inputs.items():
-        if t is not None and _overlaps(out, t) and not _same_view(out, t):
-            raise ValueError(
-                f"out partially overlaps {name}; out must either be {name} itself (same memory, strides and "
-                "dtype: an in-place step) or share no memory with it"
-            )
-    ins = (x, eps_cond, noise) + ((eps_uncond,) if eps_uncond is not None else ())
-    return torch.float64 if any(t.dtype == torch.float64 for t in ins) else torch.float32
-
-
-# ---------------------------------------------------------------------------------------------------
 # Functional entry point
 
 
@@ -283,12 +199,12 @@ def ddim_step(
     Returns:
         [B] float32 (float64 when a state/model-output input is float64).
     """
-    acc = _validate(x, eps_cond, eps_uncond, noise, out)
+    acc = validate_ddim_step(x, eps_cond, eps_uncond, noise, out)
     n, dev = x.shape[0], x.device
-    a = _coef(coef_a, n, "coef_a", dev, acc)
-    b = _coef(coef_b, n, "coef_b", dev, acc)
-    s = _coef(sigma, n, "sigma", dev, acc, nonneg=True)
-    w = _check_number(guidance, "guidance", allowed="a python number (the CFG scale)")
+    a = ddim_coef(coef_a, n, "coef_a", dev, acc)
+    b = ddim_coef(coef_b, n, "coef_b", dev, acc)
+    s = ddim_coef(sigma, n, "sigma", dev, acc, nonneg=True)
+    w = check_number(guidance, "guidance", allowed="a python number (the CFG scale)")
     impl = resolve_impl(impl, dev)
     if n == 0 or out.numel() == 0:
         return torch.zeros((n,), dtype=acc, device=dev)

@@ -1,4 +1,4 @@
-"""Choice of kernel implementation and the input checks shared by every op.
+"""Choice of kernel implementation (the input checks of the ops live in ``_checks.py``).
 
 Implementations, all computing the same function:
   ``reference``      eager, readable, float64-capable: the ground truth;
@@ -62,47 +62,3 @@ def describe_auto_choice(device: torch.device | str) -> str:
         return resolve_impl("auto", device)
     except ValueError as err:
         return f"error: {err}"
-
-
-# ---------------------------------------------------------------------------
-# Input checks shared by the ops. Every message names the argument and what is allowed.
-
-
-def check_item_tensor(t: torch.Tensor, name: str, like: torch.Tensor, *, float_only: bool = True) -> None:
-    """``t`` must match ``like`` in shape and device; each item (dim 0 slice) must be contiguous."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.shape != like.shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}; it must match {tuple(like.shape)}")
-    if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device}; all inputs must be on {like.device}")
-    if float_only and t.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{name} has dtype {t.dtype}; allowed: float64, float32, bfloat16, float16")
-    if not item_contiguous(t):
-        raise ValueError(
-            f"{name} has strides {tuple(t.stride())}; each item t[i] must be contiguous (call .contiguous())"
-        )
-
-
-def item_contiguous(t: torch.Tensor) -> bool:
-    """True when every ``t[i]`` is one contiguous block (dim 0 may have any stride)."""
-    if t.dim() <= 1:
-        return t.dim() == 0 or t.stride(0) == 1 or t.shape[0] <= 1
-    return t[0].is_contiguous() if t.shape[0] > 0 else True
-
-
-def per_item(value: float | torch.Tensor, n: int, name: str, device: torch.device) -> torch.Tensor:
-    """A python number or a [n] / scalar tensor as an fp32 [n] tensor on ``device``.
-
-    fp64 inputs stay fp64 so that the reference can run fully in float64.
-    """
-    if isinstance(value, torch.Tensor):
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device}; all inputs must be on {device}")
-        if value.dim() == 0:
-            value = value.expand(n)
-        if value.shape != (n,):
-            raise ValueError(f"{name} has shape {tuple(value.shape)}; allowed: a number, a scalar or shape ({n},)")
-        dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-        return value.to(dtype).contiguous()
-    return torch.full((n,), float(value), dtype=torch.float32, device=device)

@@ -46,15 +46,13 @@ import types
 import torch
 from torch import Tensor
 
+from fastdense.kernels._checks import PreparedLogRatio, prepare_log_ratio, prepare_residual
 from fastdense.kernels.dispatch import resolve_impl
 from fastdense.kernels.log_ratio_torch import (
     LogRatioOutput,
-    PreparedLogRatio,
     log_ratio_reference,
     log_ratio_torch,
     log_ratio_torch_compiled,
-    prepare_log_ratio,
-    prepare_residual,
     squared_residual_reference,
     squared_residual_torch,
 )

@@ -12,9 +12,9 @@ Three functions of the same math, for three purposes:
   ``Normal.log_prob`` in the input dtype, subtracted). It is the **benchmark baseline**
   and shows what the cancellation costs in low precision; never use it for training.
 
-The input checks shared by every implementation (:func:`prepare_log_ratio`) live here too,
-so that ``log_ratio.py`` (the Triton kernels and the dispatching entry point) and this
-module agree on what is accepted.
+The input checks shared by every implementation (:func:`prepare_log_ratio`, re-exported here)
+live in ``_checks.py`` with those of ``ddim_step``, so that ``log_ratio.py`` (the Triton kernels
+and the dispatching entry point) and this module agree on what is accepted.
 
 Math, per item i (one stored transition) with D = prod(S):
     ε̂ = ε_u + w·(ε_c − ε_u)   (ε̂ = ε_c without CFG)
@@ -36,14 +36,12 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
-import operator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from fastdense.kernels.dispatch import check_item_tensor, per_item
+from fastdense.kernels._checks import PreparedLogRatio, prepare_log_ratio, prepare_residual
 
 __all__ = [
     "LogRatioOutput",
@@ -58,9 +56,6 @@ __all__ = [
     "squared_residual_torch",
 ]
 
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
 class LogRatioOutput(NamedTuple):
     """``logits``: [num_traj], fp32 (fp64 when an input is fp64), differentiable w.r.t. ε.
 
@@ -70,167 +65,6 @@ class LogRatioOutput(NamedTuple):
 
     logits: Tensor
     ratio: Tensor
-
-
-class PreparedLogRatio(NamedTuple):
-    """Validated inputs. Per-item scalars are [N] tensors in ``acc_dtype``; ``ref_sq`` is [N, R]."""
-
-    eps_cond: Tensor
-    eps_uncond: Tensor | None
-    x: Tensor
-    x_next: Tensor
-    coef_a: Tensor
-    coef_b: Tensor
-    sigma: Tensor | None
-    ref_sq: Tensor | None
-    weight: Tensor | None
-    traj_index: Tensor | None
-    num_traj: int
-    guidance: float
-    clip: float
-    mean: bool
-    acc_dtype: torch.dtype
-    ratio_shape: tuple[int, ...]
-
-    @property
-    def n(self) -> int:
-        return self.eps_cond.shape[0]
-
-    @property
-    def d(self) -> int:
-        return math.prod(self.eps_cond.shape[1:])
-
-
-# ---------------------------------------------------------------------------
-# Input checks (shared by every implementation)
-
-
-def _accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _per_item_acc(value, n: int, name: str, device: torch.device, acc: torch.dtype) -> Tensor:
-    """``dispatch.per_item`` in the accumulation dtype (python numbers keep full precision in fp64)."""
-    if isinstance(value, Tensor):
-        if value.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} has dtype {value.dtype}; allowed: a number or a float tensor")
-        return per_item(value, n, name, device).to(acc)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number or a tensor of shape ({n},), got {type(value).__name__}")
-    return torch.full((n,), float(value), dtype=acc, device=device)
-
-
-def _check_float(value, name: str) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
-    return float(value)
-
-
-def prepare_residual(eps_cond, eps_uncond, x, x_next, coef_a, coef_b, guidance=1.0) -> PreparedLogRatio:
-    """Checks for the residual part (ε, states, A, B, guidance); see :func:`prepare_log_ratio`."""
-    if not isinstance(eps_cond, Tensor):
-        raise ValueError(f"eps_cond must be a torch.Tensor, got {type(eps_cond).__name__}")
-    if eps_cond.dim() < 1 or eps_cond.shape[0] < 1 or eps_cond[0].numel() < 1:
-        raise ValueError(
-            f"eps_cond has shape {tuple(eps_cond.shape)}; "
-            "allowed: [N, *S] with N >= 1 and at least one element per item"
-        )
-    check_item_tensor(eps_cond, "eps_cond", eps_cond)
-    if eps_uncond is not None:
-        check_item_tensor(eps_uncond, "eps_uncond", eps_cond)
-        if eps_uncond.dtype != eps_cond.dtype:
-            raise ValueError(
-                f"eps_uncond has dtype {eps_uncond.dtype}; it must match eps_cond ({eps_cond.dtype})"
-            )
-    check_item_tensor(x, "x", eps_cond)
-    check_item_tensor(x_next, "x_next", eps_cond)
-    if x_next.dtype != x.dtype:
-        raise ValueError(f"x_next has dtype {x_next.dtype}; it must match x ({x.dtype})")
-    guidance = _check_float(guidance, "guidance")
-    if not math.isfinite(guidance):
-        raise ValueError(f"guidance={guidance}; allowed: a finite number")
-    n, device = eps_cond.shape[0], eps_cond.device
-    acc = _accumulation_dtype(eps_cond, x)
-    a = _per_item_acc(coef_a, n, "coef_a", device, acc)
-    b = _per_item_acc(coef_b, n, "coef_b", device, acc)
-    return PreparedLogRatio(
-        eps_cond, eps_uncond, x, x_next, a, b, None, None, None, None, 0, guidance, math.inf, False, acc, (n,)
-    )
-
-
-def prepare_log_ratio(
-    eps_cond, eps_uncond, x, x_next, coef_a, coef_b, sigma, ref_sq, weight, traj_index, num_traj,
-    guidance=1.0, clip=math.inf, reduction="mean",
-) -> PreparedLogRatio:
-    """Validate every argument of ``log_ratio``; raise ``ValueError`` naming the argument.
-
-    Value checks (σ > 0 and finite, traj_index in range) cost one host sync when σ or
-    traj_index are tensors.
-    """
-    p = prepare_residual(eps_cond, eps_uncond, x, x_next, coef_a, coef_b, guidance)
-    n, device, acc = p.n, eps_cond.device, p.acc_dtype
-
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction={reduction!r}; allowed: 'mean', 'sum'")
-    clip = _check_float(clip, "clip")
-    if not clip > 0:  # also catches NaN
-        raise ValueError(f"clip={clip}; allowed: a number > 0 (float('inf') for no clamp)")
-    try:
-        num_traj = operator.index(num_traj)
-    except TypeError:
-        raise ValueError(f"num_traj must be an int, got {type(num_traj).__name__}") from None
-    if num_traj < 1:
-        raise ValueError(f"num_traj={num_traj}; allowed: an int >= 1")
-
-    if not isinstance(sigma, Tensor):
-        sig_value = _check_float(sigma, "sigma")
-        if not (sig_value > 0 and math.isfinite(sig_value)):
-            raise ValueError(f"sigma={sig_value}; allowed: finite values > 0 (a step with sigma = 0 has no density)")
-    sig = _per_item_acc(sigma, n, "sigma", device, acc)
-    w = _per_item_acc(weight, n, "weight", device, acc)
-
-    if not isinstance(ref_sq, Tensor):
-        raise ValueError(f"ref_sq must be a torch.Tensor of shape ({n},) or ({n}, R), got {type(ref_sq).__name__}")
-    if ref_sq.device != device:
-        raise ValueError(f"ref_sq is on {ref_sq.device}; all inputs must be on {device}")
-    if ref_sq.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"ref_sq has dtype {ref_sq.dtype}; allowed: float64, float32, bfloat16, float16")
-    if not (ref_sq.dim() in (1, 2) and ref_sq.shape[0] == n and (ref_sq.dim() == 1 or ref_sq.shape[1] >= 1)):
-        raise ValueError(f"ref_sq has shape {tuple(ref_sq.shape)}; allowed: ({n},) or ({n}, R) with R >= 1")
-    ratio_shape = tuple(ref_sq.shape)
-    ref2 = ref_sq.reshape(n, -1).to(acc).contiguous()
-
-    if not isinstance(traj_index, Tensor):
-        raise ValueError(f"traj_index must be an int64 tensor of shape ({n},), got {type(traj_index).__name__}")
-    if traj_index.dtype != torch.int64:
-        raise ValueError(f"traj_index has dtype {traj_index.dtype}; allowed: torch.int64")
-    if traj_index.shape != (n,):
-        raise ValueError(f"traj_index has shape {tuple(traj_index.shape)}; allowed: ({n},)")
-    if traj_index.device != device:
-        raise ValueError(f"traj_index is on {traj_index.device}; all inputs must be on {device}")
-    traj = traj_index.contiguous()
-
-    # One host sync for all value checks on tensors.
-    checks = [((traj < 0) | (traj >= num_traj)).any()]
-    if isinstance(sigma, Tensor):
-        checks.append((~(sig > 0) | ~torch.isfinite(sig)).any())
-    bad = torch.stack(checks).tolist()
-    if bad[0]:
-        lo, hi = traj.min().item(), traj.max().item()
-        raise ValueError(f"traj_index has values in [{lo}, {hi}]; allowed: integers in [0, num_traj={num_traj})")
-    if len(bad) > 1 and bad[1]:
-        raise ValueError(
-            f"sigma has values <= 0 or non-finite (min {sig.min().item()}); allowed: finite values > 0 "
-            "(a step with sigma = 0 has no density: exclude it)"
-        )
-    return p._replace(
-        sigma=sig, ref_sq=ref2, weight=w, traj_index=traj, num_traj=num_traj, clip=clip,
-        mean=reduction == "mean", ratio_shape=ratio_shape,
-    )
 
 
 # ---------------------------------------------------------------------------

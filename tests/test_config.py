@@ -69,3 +69,23 @@ def test_bad_files(tmp_path):
 def test_override_parsing():
     assert parse_override("data.eval_seeds=[1, 2]") == {"data": {"eval_seeds": [1, 2]}}
     assert build_config(overrides=["data.eval_seeds=[1, 2]"]).data.eval_seeds == [1, 2]
+
+
+def test_values_are_coerced_by_the_field_types():
+    """Coercion reads the dataclass type hints (typing.get_origin / get_args), optional or not."""
+    cfg = build_config(overrides=["optim.betas=0.8,0.9", "model.lora_alpha=4", "model.compile=yes",
+                                  "run.tensorboard=false", "data.eval_seeds=3,4", "model.lora_targets=to_q",
+                                  "train.rounds=2.0", "model.lora_alpha=null"])
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.model.lora_alpha is None and cfg.model.compile is True
+    assert cfg.run.tensorboard is False and cfg.data.eval_seeds == [3, 4] and cfg.model.lora_targets == ["to_q"]
+    assert cfg.train.rounds == 2 and isinstance(cfg.train.rounds, int)
+    for override, message in [
+        ("train.rounds=2.5", "train.rounds=2.5 is not allowed; expected <class 'int'>"),
+        ("train.rounds=true", "train.rounds=True is not allowed; expected <class 'int'>"),
+        ("model.compile=maybe", "model.compile='maybe' is not allowed; expected bool | None"),
+        ("optim.betas=0.9", "optim.betas=0.9 is not allowed; expected tuple[float, float]"),
+        ("optim.lr=null", "optim.lr: null is not allowed; expected <class 'float'>"),
+    ]:
+        with pytest.raises(FastdenseError) as info:
+            build_config(overrides=[override])
+        assert str(info.value) == message

@@ -213,3 +213,15 @@ def test_load_lora_diffusers_and_peft_formats(parts, tiny_dir, tmp_path):
     empty.mkdir()
     with pytest.raises(FastdenseError, match="holds no LoRA weights"):
         load_lora(copy.deepcopy(parts.unet), empty)
+
+
+def test_lora_code_has_one_home():
+    """load_lora / has_adapters / adapters_disabled live in fastdense.lora; the old import paths still work."""
+    import fastdense.lora
+    import fastdense.models
+    import fastdense.models.loading
+
+    for name in ("load_lora", "has_adapters", "adapters_disabled"):
+        assert getattr(fastdense.models, name) is getattr(fastdense.lora, name)
+        assert getattr(fastdense.models.loading, name) is getattr(fastdense.lora, name)
+    assert "save_trainable" not in fastdense.lora.__all__  # was exported and never called

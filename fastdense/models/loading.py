@@ -7,9 +7,8 @@ reachable. Component classes come from ``model_index.json``; classes outside
 diffusers / transformers (custom code) load only with ``trust_remote_code=True``.
 A missing or malformed directory is a one-line ``FastdenseError`` naming the part.
 
-``load_lora`` puts a LoRA adapter (our training output: diffusers
-``pytorch_lora_weights.safetensors``, what ``pipe.load_lora_weights(dir)`` reads; or
-a peft ``adapter_config.json`` + ``adapter_model.safetensors`` directory) onto a UNet.
+``lora=DIR`` puts a LoRA adapter onto the UNet with :func:`fastdense.lora.load_lora`
+(``load_lora``, ``has_adapters`` and ``adapters_disabled`` are re-exported here).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastdense.errors import FastdenseError
+from fastdense.lora import LORA_WEIGHT_NAMES, adapters_disabled, has_adapters, load_lora  # noqa: F401 (re-exports)
 
 if TYPE_CHECKING:
     import torch
@@ -92,7 +92,8 @@ class PipelineParts:
 # Directory checks
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a one-line FastdenseError starting with ``what`` when it is missing or bad."""
     if not path.is_file():
         raise FastdenseError(f"{what}: {path} is missing")
     try:
@@ -129,7 +130,7 @@ def check_pipeline_dir(root: Path) -> dict[str, Any]:
         raise FastdenseError(f"model directory {root} does not exist")
     if not root.is_dir():
         raise FastdenseError(f"model {root} is not a directory (expected a diffusers pipeline directory)")
-    index = _read_json(root / "model_index.json", "not a diffusers pipeline directory")
+    index = read_json_object(root / "model_index.json", "not a diffusers pipeline directory")
     for name in (*REQUIRED_PARTS, "vae"):
         entry = _component_entry(index, name, root)
         if entry is None:
@@ -142,7 +143,7 @@ def check_pipeline_dir(root: Path) -> dict[str, Any]:
             if not any((root / name / f).is_file() for f in ("tokenizer_config.json", "vocab.json", "tokenizer.json")):
                 raise FastdenseError(f"model {root}: tokenizer/ holds no tokenizer files")
             continue
-        _read_json(_config_file(root, name), f"model {root}: bad {name} config")
+        read_json_object(_config_file(root, name), f"model {root}: bad {name} config")
     return index
 
 
@@ -257,7 +258,9 @@ def load_pipeline_parts(
     with _quiet_progress_bars():
         parts = _load_modules(root, index, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
-    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", f"model {root}: bad scheduler config")
+    scheduler_config = read_json_object(
+        root / "scheduler" / "scheduler_config.json", f"model {root}: bad scheduler config"
+    )
     unet = parts["unet"]
     vae = parts["vae"]
     size = unet.config.sample_size
@@ -280,126 +283,3 @@ def load_pipeline_parts(
         load_lora(result.unet, lora)
         result.lora_paths.append(Path(lora))
     return result
-
-
-# ---------------------------------------------------------------------------
-# LoRA
-
-LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
-
-
-def _peft_layers(module) -> Iterator[Any]:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # peft not installed: no adapters possible
-        return iter(())
-    return (m for m in module.modules() if isinstance(m, BaseTunerLayer))
-
-
-def has_adapters(unet) -> bool:
-    """True when ``unet`` carries peft adapter layers that are switched on."""
-    return any(not layer.disable_adapters for layer in _peft_layers(unet))
-
-
-@contextlib.contextmanager
-def adapters_disabled(unet) -> Iterator[None]:
-    """Run the base model: every peft adapter layer of ``unet`` off, restored afterwards."""
-    layers = [layer for layer in _peft_layers(unet) if not layer.disable_adapters]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-
-
-def load_lora(unet, lora: str | Path, *, adapter_name: str = "default") -> str:
-    """Load a LoRA adapter directory onto ``unet`` (a diffusers UNet); returns the adapter name.
-
-    Accepted layouts: diffusers (``pytorch_lora_weights.safetensors``, keys optionally
-    prefixed ``unet.``, as ``save_lora_weights`` / ``save_lora_adapter`` write), or peft
-    (``adapter_config.json`` + ``adapter_model.safetensors``).
-    """
-    path = Path(lora).expanduser()
-    if not path.exists():
-        raise FastdenseError(f"LoRA directory {path} does not exist")
-    if path.is_file():
-        weight_file = path
-        path = path.parent
-    else:
-        found = [path / n for n in LORA_WEIGHT_NAMES if (path / n).is_file()]
-        if not found:
-            found = sorted(path.glob("*.safetensors"))
-        if not found:
-            raise FastdenseError(
-                f"LoRA directory {path} holds no LoRA weights (expected {' or '.join(LORA_WEIGHT_NAMES)})"
-            )
-        weight_file = found[0]
-    if adapter_name in (getattr(unet, "peft_config", None) or {}):
-        raise FastdenseError(f"the UNet already has an adapter named {adapter_name!r}")
-
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(weight_file))
-    except Exception as err:  # OSError or safetensors' own error (its name differs across versions)
-        raise FastdenseError(f"LoRA weights {weight_file} cannot be read ({err})") from None
-
-    config_path = weight_file.parent / "adapter_config.json"
-    if config_path.is_file():
-        _load_peft_format(unet, state, _read_json(config_path, "bad LoRA config"), adapter_name, weight_file)
-        return adapter_name
-
-    if any(k.startswith("unet.") for k in state):
-        prefix = "unet"
-    elif any(k.startswith(("text_encoder.", "text_encoder_2.")) for k in state):
-        raise FastdenseError(f"LoRA weights {weight_file} hold no UNet layers (only text encoder layers)")
-    else:
-        prefix = None
-    try:
-        unet.load_lora_adapter(
-            str(weight_file.parent),
-            weight_name=weight_file.name,
-            prefix=prefix,
-            adapter_name=adapter_name,
-            local_files_only=True,
-        )
-    except FastdenseError:
-        raise
-    except Exception as err:
-        msg = " ".join(str(err).split())[:300]
-        raise FastdenseError(f"LoRA weights {weight_file} do not fit this UNet ({type(err).__name__}: {msg})") from None
-    if adapter_name not in (getattr(unet, "peft_config", None) or {}):
-        raise FastdenseError(f"LoRA weights {weight_file} hold no layers of this UNet")
-    return adapter_name
-
-
-def _load_peft_format(unet, state: dict, config: dict, adapter_name: str, weight_file: Path) -> None:
-    from peft import LoraConfig, set_peft_model_state_dict
-
-    allowed = set(LoraConfig.__dataclass_fields__)
-    kwargs = {k: v for k, v in config.items() if k in allowed and k not in ("base_model_name_or_path", "revision")}
-    try:
-        lora_config = LoraConfig(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise FastdenseError(f"bad LoRA config next to {weight_file} ({err})") from None
-    prefixes = ("base_model.model.", "unet.")
-    cleaned = {}
-    for key, value in state.items():
-        for p in prefixes:
-            if key.startswith(p):
-                key = key[len(p) :]
-                break
-        cleaned[key] = value
-    try:
-        unet.add_adapter(lora_config, adapter_name=adapter_name)
-        result = set_peft_model_state_dict(unet, cleaned, adapter_name=adapter_name)
-    except Exception as err:
-        msg = " ".join(str(err).split())[:300]
-        raise FastdenseError(f"LoRA weights {weight_file} do not fit this UNet ({type(err).__name__}: {msg})") from None
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]
-    if unexpected:
-        raise FastdenseError(
-            f"LoRA weights {weight_file} hold {len(unexpected)} keys this UNet lacks, e.g. {unexpected[0]}"
-        )

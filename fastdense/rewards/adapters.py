@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdense.errors import FastdenseError
+from fastdense.errors import FastdenseError, one_line
 from fastdense.rewards.base import BaseReward
 
 __all__ = [
@@ -73,7 +73,7 @@ def _require(module: str, *, reward: str, package: str, extra: str | None) -> An
         if missing is None or missing.split(".")[0] == module.split(".")[0]:
             raise FastdenseError(f"the {reward} reward needs the '{package}' package: {how}") from None
         raise FastdenseError(
-            f"the {reward} reward: the installed '{package}' package failed to import ({_one_line(exc)}); "
+            f"the {reward} reward: the installed '{package}' package failed to import ({one_line(exc)}); "
             f"reinstall it with {how} in an environment with versions it supports"
         ) from None
 
@@ -87,11 +87,6 @@ def _resolve_path(path: str | os.PathLike | None, env_var: str, *, reward: str, 
     if not p.exists():
         raise FastdenseError(f"the {reward} reward: {what} not found at {p} (pass path=... or set {env_var})")
     return p
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -133,7 +128,7 @@ def _load_state_dict(path: Path, *, reward: str) -> dict[str, Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign files: say which file
-        raise FastdenseError(f"the {reward} reward cannot read {path}: {_one_line(exc)}") from None
+        raise FastdenseError(f"the {reward} reward cannot read {path}: {one_line(exc)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -219,7 +214,7 @@ def _load_clip(path: Path, *, reward: str) -> nn.Module:
     try:
         return CLIPModel.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise FastdenseError(f"the {reward} reward cannot load a CLIP model from {path}: {_one_line(exc)}") from None
+        raise FastdenseError(f"the {reward} reward cannot load a CLIP model from {path}: {one_line(exc)}") from None
 
 
 def _load_tokenizer(path: Path, *, reward: str, hint: str) -> Any:
@@ -229,7 +224,7 @@ def _load_tokenizer(path: Path, *, reward: str, hint: str) -> Any:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         raise FastdenseError(
-            f"the {reward} reward cannot load a tokenizer from {path} ({hint}): {_one_line(exc)}"
+            f"the {reward} reward cannot load a tokenizer from {path} ({hint}): {one_line(exc)}"
         ) from None
 
 
@@ -328,11 +323,11 @@ def load_hpsv2(path: str | os.PathLike | None = None, arch: str = "ViT-H-14") ->
     try:
         model = open_clip.create_model(arch, pretrained=None, precision="fp32", device="cpu")
     except RuntimeError as exc:
-        raise FastdenseError(f"the hpsv2 reward: open_clip cannot build {arch!r}: {_one_line(exc)}") from None
+        raise FastdenseError(f"the hpsv2 reward: open_clip cannot build {arch!r}: {one_line(exc)}") from None
     try:
         model.load_state_dict(_load_state_dict(file, reward="hpsv2"))
     except RuntimeError as exc:
-        raise FastdenseError(f"the hpsv2 reward: {file} is not an {arch} HPS checkpoint: {_one_line(exc)}") from None
+        raise FastdenseError(f"the hpsv2 reward: {file} is not an {arch} HPS checkpoint: {one_line(exc)}") from None
     size = getattr(getattr(model, "visual", None), "image_size", 224)
     size = size[0] if isinstance(size, (tuple, list)) else size
     return model, open_clip.get_tokenizer(arch), ClipPreprocess.square(int(size))
@@ -411,7 +406,7 @@ def load_aesthetic_head(path: str | os.PathLike) -> nn.Module:
     try:
         head.load_state_dict(state)
     except RuntimeError as exc:
-        raise FastdenseError(f"the laion_aesthetic reward: bad head weights in {path}: {_one_line(exc)}") from None
+        raise FastdenseError(f"the laion_aesthetic reward: bad head weights in {path}: {one_line(exc)}") from None
     return head
 
 
@@ -499,7 +494,7 @@ def load_imagereward(path: str | os.PathLike | None = None, med_config: str | os
     except OSError as exc:
         raise FastdenseError(
             "the imagereward reward needs the bert-base-uncased tokenizer in the Hugging Face cache "
-            f"(fetch it once online with transformers.BertTokenizer.from_pretrained): {_one_line(exc)}"
+            f"(fetch it once online with transformers.BertTokenizer.from_pretrained): {one_line(exc)}"
         ) from None
 
 

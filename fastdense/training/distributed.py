@@ -3,7 +3,8 @@
 A single process needs no launcher (its process group is created on an in-memory store: no
 port, no MPI); several ranks start with ``deepspeed`` or ``torchrun`` (RANK / WORLD_SIZE /
 MASTER_ADDR / MASTER_PORT from the environment). Also the two collectives the trainer uses
-(``_all_reduce`` of a few floats, ``_barrier``) and the device rule for ``run.device``.
+(``_all_reduce`` of a few floats, ``_barrier``). The device rule for ``run.device`` is
+:func:`fastdense.devices.resolve_device` (re-exported here).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdense.devices import resolve_device
 from fastdense.errors import FastdenseError
 
 __all__ = ["SHM_ENV_VAR", "DistInfo", "init_distributed", "resolve_device"]
@@ -40,18 +42,6 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise FastdenseError(f"environment variable {name}={raw!r} is not allowed; it must be an integer") from None
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise FastdenseError(f"run.device={device!r} is not allowed: torch sees no CUDA device; use cpu or auto")
-        return torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device(device)
-    if device != "cpu":
-        raise FastdenseError(f"run.device={device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
-    return torch.device("cpu")
 
 
 def _prepare_deepspeed(device: torch.device, world_size: int) -> None:

@@ -30,6 +30,7 @@ import torch
 from fastdense import checkpoint as ckpt_mod
 from fastdense.config import Config, validate
 from fastdense.data import load_prompts
+from fastdense.devices import DTYPES
 from fastdense.errors import FastdenseError, one_line
 from fastdense.training import run_dir as run_dir_mod
 from fastdense.training.checkpointing import CheckpointMixin, TrainState
@@ -42,7 +43,7 @@ from fastdense.training.update import UpdateMixin
 
 __all__ = ["LATENT_DTYPES", "Evaluation", "StepCallback", "TrainResult", "Trainer", "train"]
 
-LATENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LATENT_DTYPES = DTYPES  # sampling.latent_dtype names → torch dtypes: the one table in fastdense.devices
 
 
 @dataclass
