@@ -90,7 +90,8 @@ class PeakMemory:
 
 def build_benchmark_parts(device: torch.device, gpu_shapes: bool, workdir: Path, dtype: torch.dtype):
     """PipelineParts for the benchmark: the tiny pipeline, or (GPU) an SD1.5-shaped UNet in it."""
-    from fastdense.models import build_tiny_pipeline, load_pipeline_parts
+    from fastdense.models import load_pipeline_parts
+    from fastdense.testing import build_tiny_pipeline
 
     path = build_tiny_pipeline(workdir / "tiny", sample_size=16)
     parts = load_pipeline_parts(path, dtype=dtype, device=device)

@@ -135,7 +135,7 @@ def buffer_bytes_rows(num_steps: int = 50, latent=(4, 64, 64), embed=(77, 768), 
 def run_train_benchmarks(device: torch.device, *, repeats: int = 3, num_steps: int = 10, group_size: int = 4,
                          k: int = 4, groups_per_step: int = 1, progress=None) -> list[TrainRow]:
     from fastdense.config import build_config
-    from fastdense.models import build_tiny_pipeline
+    from fastdense.testing import build_tiny_pipeline
     from fastdense.train import Trainer
 
     rows = []

@@ -31,23 +31,16 @@ from fastdense.errors import FastdenseError
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
-    """Prompts from the arguments, then from the file (one per non-blank line)."""
+    """Prompts from the arguments, then from the file (a prompt source: :mod:`fastdense.data`)."""
+    from fastdense.data import read_prompt_source
+
     result: list[str] = []
     for p in prompts or []:
         if not p.strip():
             raise FastdenseError("empty prompt given; every prompt needs some text")
         result.append(p)
     if prompts_file is not None:
-        if not prompts_file.is_file():
-            raise FastdenseError(f"--prompts-file {prompts_file} does not exist or is not a file")
-        try:
-            lines = prompts_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise FastdenseError(f"--prompts-file {prompts_file} cannot be read ({err})") from None
-        from_file = [line.strip() for line in lines if line.strip()]
-        if not from_file:
-            raise FastdenseError(f"--prompts-file {prompts_file} holds no prompts (only blank lines)")
-        result.extend(from_file)
+        result.extend(read_prompt_source(str(prompts_file), "--prompts-file"))
     if not result:
         raise FastdenseError("no prompts: give prompts as arguments or --prompts-file FILE")
     return result
@@ -105,33 +98,12 @@ def _library_warnings(console):
         log.propagate = propagate
 
 
-def _to_pil(image):
-    """[3, H, W] float in [0, 1] → PIL image."""
-    import torch
-    from PIL import Image
-
-    array = (image.clamp(0, 1) * 255).round().to("cpu", dtype=torch.uint8)
-    return Image.fromarray(array.permute(1, 2, 0).numpy())
-
-
-def _grid(images, rows: int, cols: int, pad: int = 2):
-    """Tile [N, 3, H, W] images (row-major) into one PIL image."""
-    from PIL import Image
-
-    h, w = images.shape[-2:]
-    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), (255, 255, 255))
-    for k in range(images.shape[0]):
-        r, c = divmod(k, cols)
-        grid.paste(_to_pil(images[k]), (pad + c * (w + pad), pad + r * (h + pad)))
-    return grid
-
-
 def sample(
     prompts: Annotated[
         list[str] | None, typer.Argument(help="Prompts (or use --prompts-file).", show_default=False)
     ] = None,
     prompts_file: Annotated[
-        Path | None, typer.Option("--prompts-file", help="A file with one prompt per line.")
+        Path | None, typer.Option("--prompts-file", help="A file with one prompt per line (or JSON, or module:attr).")
     ] = None,
     model: Annotated[
         str | None,
@@ -183,6 +155,7 @@ def sample(
     import torch
     from rich.console import Console
 
+    from fastdense.images import image_grid, to_pil
     from fastdense.models.loading import load_pipeline_parts
     from fastdense.sampler import Sampler, decode
 
@@ -212,16 +185,16 @@ def sample(
     for k in range(total):
         p_idx, i_idx = divmod(k, num_images)
         name = f"{p_idx:03d}_{i_idx:02d}"
-        _to_pil(images[k]).save(out / f"{name}.png")
+        to_pil(images[k]).save(out / f"{name}.png")
         record = {"file": f"{name}.png", "prompt": all_prompts[k], "seed": seed + k}
         if trajectory:
             x0 = traj.x0[k]  # [S, C, h, w]
             pics = torch.cat([decode(parts, x0), images[k : k + 1]])
-            _grid(pics, 1, pics.shape[0]).save(out / f"{name}_trajectory.png")
+            image_grid(pics, 1, pics.shape[0], pad=2).save(out / f"{name}_trajectory.png")
             record["trajectory"] = f"{name}_trajectory.png"
             record["trajectory_steps"] = traj_steps
         records.append(record)
-    _grid(images, len(prompt_list), num_images).save(out / "grid.png")
+    image_grid(images, len(prompt_list), num_images, pad=2).save(out / "grid.png")
     meta = {
         "model": str(model),
         "lora": str(lora) if lora is not None else None,

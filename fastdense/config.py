@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from fastdense.data import is_provider
 from fastdense.errors import FastdenseError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -28,7 +29,9 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 
 @dataclass
 class ModelConfig:
-    path: str | None = None  # diffusers directory or hub id; None = the shipped toy model
+    # diffusers directory, hub id, or 'module:attr' provider of one (fastdense.data); no default:
+    # the trainer refuses None in one line (the toy preset names fastdense.toy:shipped_model_dir)
+    path: str | None = None
     lora_rank: int = 4  # 0 = full fine-tuning
     lora_alpha: float | None = None  # None = rank
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
@@ -89,8 +92,11 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     prompts: list[str] = field(default_factory=list)
-    prompts_file: str | None = None  # one prompt per line, or DrawBench-style JSON {prompt: {...}}
+    # prompt sources (fastdense.data): one prompt per line, DrawBench-style JSON {prompt: {...}},
+    # or a 'module:attr' provider (the toy preset: fastdense.toy.world:train_prompts)
+    prompts_file: str | None = None
     eval_prompts: list[str] = field(default_factory=list)
+    eval_prompts_file: str | None = None  # a prompt source; no eval prompts at all: the first 8 training prompts
     eval_seeds: list[int] = field(default_factory=lambda: list(range(1000, 1008)))
 
 
@@ -409,8 +415,11 @@ def validate(cfg: Config) -> Config:
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "it must be >= 1")
     _check(t.seed >= 0, "train.seed", t.seed, "it must be >= 0")
     d = cfg.data
-    if d.prompts_file is not None:
-        _check(Path(d.prompts_file).is_file(), "data.prompts_file", d.prompts_file, "no such file")
+    for key in ("prompts_file", "eval_prompts_file"):
+        source = getattr(d, key)
+        if source is not None:
+            _check(Path(source).is_file() or is_provider(source), f"data.{key}", source,
+                   "no such file (nor a 'package.module:attr' prompt provider)")
     _check(all(p.strip() for p in d.prompts), "data.prompts", d.prompts, "prompts must not be empty strings")
     _check(cfg.reward.batch_size >= 1, "reward.batch_size", cfg.reward.batch_size, "it must be >= 1")
     _check(r.checkpoint_every >= 1, "run.checkpoint_every", r.checkpoint_every, "it must be >= 1")

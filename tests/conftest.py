@@ -26,7 +26,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny Stable-Diffusion-layout pipeline saved to disk (one per test module)."""
-    from fastdense.models.tiny import build_tiny_pipeline
+    from fastdense.testing import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -38,7 +38,7 @@ def grey_dir(tmp_path_factory):
     policy controls; LoRA on ``conv_out`` can move it. The trainer tests' model."""
     from diffusers import UNet2DConditionModel
 
-    from fastdense.models.tiny import build_tiny_pipeline
+    from fastdense.testing import build_tiny_pipeline
 
     path = build_tiny_pipeline(tmp_path_factory.mktemp("grey") / "model", with_vae=False, in_channels=1,
                                sample_size=4, prediction_type="v_prediction")

@@ -83,7 +83,7 @@ def test_dry_run_prints_the_resolved_config(capsys):
 
 def test_toy_preset_is_valid_and_small():
     cfg = build_config(preset="toy")
-    assert cfg.model.path is None and cfg.reward.name == "color_fidelity"
+    assert cfg.model.path == "fastdense.toy:shipped_model_dir" and cfg.reward.name == "color_fidelity"
     assert cfg.sampling.rollouts_per_prompt >= cfg.objective.group_size >= 2
     assert cfg.train.rounds * cfg.train.updates_per_round <= 128
 

@@ -18,7 +18,7 @@ from fastdense.models.loading import (
     load_pipeline_parts,
 )
 from fastdense.models.prompts import PromptEncoder
-from fastdense.models.tiny import TINY_MAX_LENGTH, build_tiny_pipeline
+from fastdense.testing import TINY_MAX_LENGTH, build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import math
 import sys
 import types
@@ -19,13 +18,10 @@ from torch import nn
 
 from fastdense.errors import FastdenseError
 from fastdense.rewards import (
-    COLOR_NAMES,
-    PALETTE,
     AestheticProxy,
     BaseReward,
     Brightness,
     ClipPreprocess,
-    ColorFidelity,
     HPSv2Reward,
     ImageRewardReward,
     JpegCompressibility,
@@ -35,15 +31,16 @@ from fastdense.rewards import (
     Reward,
     WeightedSum,
     available_rewards,
-    format_toy_prompt,
     get_reward,
     parse_reward_spec,
-    parse_toy_prompt,
     register_reward,
     to_pil,
 )
 from fastdense.rewards import adapters as adapters_mod
 from fastdense.rewards import registry as registry_mod
+from fastdense.testing import clip_bpe, write_bpe_files
+from fastdense.toy.colors import COLOR_NAMES, PALETTE, format_toy_prompt, parse_toy_prompt
+from fastdense.toy.reward import ColorFidelity
 
 ALL_NAMES = [
     "aesthetic_proxy",
@@ -432,7 +429,8 @@ def test_registry_import_path(tmp_path, monkeypatch):
     images = torch.stack([toy_image(PALETTE["red"], PALETTE["black"]), torch.zeros(3, 32, 32)])
     reward = get_reward("my_user_rewards:MeanRed", scale=2.0)
     assert reward.name == "mean_red" and torch.allclose(reward(images, ["", ""]), torch.tensor([0.5, 0.0]))
-    assert isinstance(get_reward("fastdense.rewards.builtin:ColorFidelity"), ColorFidelity)
+    assert isinstance(get_reward("fastdense.toy.reward:ColorFidelity"), ColorFidelity)
+    assert isinstance(get_reward("fastdense.rewards.builtin:ColorFidelity"), ColorFidelity)  # its old home
     total = get_reward("my_user_rewards:MeanRed=2,color_fidelity=1")
     assert total.name == "mean_red=2,color_fidelity=1"
     prompts = ["a red square on a black background"] * 2
@@ -460,31 +458,6 @@ def test_register_reward(monkeypatch):
 # ----------------------------------------------------------- tiny offline CLIP parts
 
 
-def _write_bpe(directory) -> tuple[str, str]:
-    """A tiny CLIP BPE vocabulary covering WORDS (built by hand, no download)."""
-    vocab: dict[str, int] = {}
-    merges: list[str] = []
-    chars = sorted(set(WORDS.replace(" ", "")))
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    for word in WORDS.split():
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pair = f"{parts[0]} {parts[1]}"
-            if pair not in merges:
-                merges.append(pair)
-            parts = [parts[0] + parts[1], *parts[2:]]
-            vocab.setdefault(parts[0], len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
-    vocab_file.write_text(json.dumps(vocab))
-    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return str(vocab_file), str(merges_file)
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
     """A randomly initialised tiny CLIPModel + tokenizer + image processor, saved the
@@ -492,7 +465,8 @@ def tiny_clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
     directory = tmp_path_factory.mktemp("tiny_clip")
-    tokenizer = CLIPTokenizer(*_write_bpe(directory))
+    # a tiny CLIP BPE vocabulary covering WORDS (built by hand, no download)
+    tokenizer = CLIPTokenizer(*map(str, write_bpe_files(directory, *clip_bpe(words=WORDS.split()))))
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),

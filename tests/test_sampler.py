@@ -11,8 +11,8 @@ import torch
 from fastdense.errors import FastdenseError
 from fastdense.models.loading import load_pipeline_parts
 from fastdense.models.prompts import PromptEncoder
-from fastdense.models.tiny import build_tiny_pipeline
 from fastdense.sampler import Sampler, Trajectories, decode, make_generators, sample
+from fastdense.testing import build_tiny_pipeline
 
 PROMPTS = ["a red cat", "the dog", "a cat and a dog"]
 
@@ -286,8 +286,9 @@ def test_defaults_and_bad_arguments(parts, sampler):
 
 
 def test_sampling_without_recording_gives_the_same_final_latents(tmp_path):
-    from fastdense.models import build_tiny_pipeline, load_pipeline_parts
+    from fastdense.models import load_pipeline_parts
     from fastdense.sampler import Sampler
+    from fastdense.testing import build_tiny_pipeline
 
     parts = load_pipeline_parts(build_tiny_pipeline(tmp_path / "m"))
     sampler = Sampler(parts)

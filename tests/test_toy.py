@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from fastdense.errors import FastdenseError
-from fastdense.rewards.colors import COLOR_NAMES, PALETTE, parse_toy_prompt
 from fastdense.toy import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     fidelity_scores,
     shipped_model_dir,
 )
+from fastdense.toy.colors import COLOR_NAMES, PALETTE, parse_toy_prompt
 from fastdense.toy.model import toy_tokenizer
 from fastdense.toy.pretrain import PretrainConfig, make_batch
 from fastdense.toy.world import (

@@ -12,8 +12,8 @@ import torch
 from fastdense import checkpoint as ckpt
 from fastdense.config import build_config
 from fastdense.errors import FastdenseError
-from fastdense.models.tiny import build_tiny_pipeline
 from fastdense.rewards import Brightness
+from fastdense.testing import build_tiny_pipeline
 from fastdense.train import LRFactor, Trainer, deepspeed_config, train
 
 

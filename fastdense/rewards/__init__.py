@@ -6,6 +6,10 @@
 
 Heavy packages (transformers, open_clip, ImageReward) are imported only when an
 adapter loads its model.
+
+``color_fidelity`` is the toy world's reward (:mod:`fastdense.toy.reward`): registered by name
+and imported when asked for. Its class and the toy palette and prompt grammar
+(:mod:`fastdense.toy.colors`) stay importable from here as before, resolved on first use.
 """
 
 from fastdense.rewards.adapters import (
@@ -19,11 +23,9 @@ from fastdense.rewards.base import BaseReward, Reward, WeightedSum, to_pil
 from fastdense.rewards.builtin import (
     AestheticProxy,
     Brightness,
-    ColorFidelity,
     JpegCompressibility,
     JpegIncompressibility,
 )
-from fastdense.rewards.colors import COLOR_NAMES, PALETTE, ToyPrompt, format_toy_prompt, parse_toy_prompt
 from fastdense.rewards.registry import (
     available_rewards,
     get_reward,
@@ -33,13 +35,10 @@ from fastdense.rewards.registry import (
 )
 
 __all__ = [
-    "COLOR_NAMES",
-    "PALETTE",
     "AestheticProxy",
     "BaseReward",
     "Brightness",
     "ClipPreprocess",
-    "ColorFidelity",
     "HPSv2Reward",
     "ImageRewardReward",
     "JpegCompressibility",
@@ -47,14 +46,30 @@ __all__ = [
     "LaionAestheticReward",
     "PickScoreReward",
     "Reward",
-    "ToyPrompt",
     "WeightedSum",
     "available_rewards",
-    "format_toy_prompt",
     "get_reward",
     "parse_reward_spec",
-    "parse_toy_prompt",
     "register_reward",
     "reward_accepts",
     "to_pil",
 ]
+
+# Moved to the toy world; importable from here as before. Resolved by name (fastdense.data), so
+# the rewards package never imports the toy world.
+_MOVED = {
+    "COLOR_NAMES": "fastdense.toy.colors",
+    "PALETTE": "fastdense.toy.colors",
+    "ToyPrompt": "fastdense.toy.colors",
+    "format_toy_prompt": "fastdense.toy.colors",
+    "parse_toy_prompt": "fastdense.toy.colors",
+    "ColorFidelity": "fastdense.toy.reward",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        from fastdense.data import resolve_provider
+
+        return resolve_provider(f"{_MOVED[name]}:{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,11 +15,11 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from fastdense.errors import FastdenseError
+from fastdense.images import to_pil_list as to_pil  # rewards' public name: [B, 3, H, W] -> a list of PIL images
 
 __all__ = ["Reward", "BaseReward", "WeightedSum", "check_inputs", "to_pil"]
 
@@ -51,20 +51,6 @@ def check_inputs(images: Tensor, prompts: Sequence[str]) -> tuple[Tensor, list[s
     if len(prompts) != images.shape[0]:
         raise FastdenseError(f"got {images.shape[0]} images but {len(prompts)} prompts")
     return images.detach().clamp(0.0, 1.0), prompts
-
-
-def to_pil(images: Tensor) -> list[Any]:
-    """``[B, 3, H, W]`` (or ``[3, H, W]``) floats in [0, 1] -> list of RGB ``PIL.Image``.
-
-    Values are rounded to the nearest of 256 levels, as image files store them.
-    """
-    from PIL import Image
-
-    if images.ndim == 3:
-        images = images[None]
-    arr = (images.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
-    arr = arr.permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
 class BaseReward:

@@ -25,27 +25,28 @@ no term accepts is an error.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from fastdense.data import is_provider, resolve_provider
 from fastdense.errors import FastdenseError
 from fastdense.rewards.adapters import HPSv2Reward, ImageRewardReward, LaionAestheticReward, PickScoreReward
 from fastdense.rewards.base import Reward, WeightedSum
 from fastdense.rewards.builtin import (
     AestheticProxy,
     Brightness,
-    ColorFidelity,
     JpegCompressibility,
     JpegIncompressibility,
 )
 
 __all__ = ["available_rewards", "get_reward", "parse_reward_spec", "register_reward", "reward_accepts"]
 
-_REGISTRY: dict[str, Callable[..., Reward]] = {
-    "color_fidelity": ColorFidelity,
+# A factory, or the import path of one: imported when the reward is asked for (the toy world's
+# reward is named here, never imported by the rewards package).
+_REGISTRY: dict[str, Callable[..., Reward] | str] = {
+    "color_fidelity": "fastdense.toy.reward:ColorFidelity",
     "jpeg_compressibility": JpegCompressibility,
     "jpeg_incompressibility": JpegIncompressibility,
     "aesthetic_proxy": AestheticProxy,
@@ -66,8 +67,9 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def register_reward(name: str, factory: Callable[..., Reward], *, overwrite: bool = False) -> None:
-    """Make ``factory`` available under ``name`` (plugins, tests)."""
+def register_reward(name: str, factory: Callable[..., Reward] | str, *, overwrite: bool = False) -> None:
+    """Make ``factory`` (or its import path ``"package.module:Class"``, imported on first use)
+    available under ``name`` (plugins, tests)."""
     key = _normalize(name)
     if not key.isidentifier():
         raise FastdenseError(f"reward names must be identifiers, got {name!r}")
@@ -116,25 +118,17 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float | None]]:
 
 def _resolve(term: str) -> Callable[..., Any]:
     if ":" in term:
-        module_name, _, attr = term.strip().partition(":")
-        if not module_name or not attr:
+        if not is_provider(term):
             raise FastdenseError(f"bad reward import path {term!r}; expected 'package.module:Class'")
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise FastdenseError(f"cannot import module {module_name!r} for reward {term!r}: {exc}") from None
-        for part in attr.split("."):
-            try:
-                obj = getattr(obj, part)
-            except AttributeError:
-                raise FastdenseError(f"module {module_name!r} has no attribute {attr!r} (reward {term!r})") from None
+        obj = resolve_provider(term, "reward")
         if not callable(obj):
             raise FastdenseError(f"reward {term!r} is not a class or factory")
         return obj
     key = _normalize(term)
     if key not in _REGISTRY:
         raise FastdenseError(f"unknown reward {term!r}; {_allowed()}")
-    return _REGISTRY[key]
+    factory = _REGISTRY[key]
+    return _resolve(factory) if isinstance(factory, str) else factory
 
 
 def _accepted(factory: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,17 @@
 """The built-in toy world and the shipped tiny text-to-image model.
 
+- :mod:`fastdense.toy.colors`: the palette and the prompt grammar;
 - :mod:`fastdense.toy.world`: coloured shapes on coloured backgrounds, their captions,
-  and the held-out evaluation prompts;
+  the training prompts and the held-out evaluation prompts;
+- :mod:`fastdense.toy.reward`: the ``color_fidelity`` reward;
 - :mod:`fastdense.toy.model`: the model's architecture, tokenizer and diffusers layout;
-- :mod:`fastdense.toy.pretrain`: training it from scratch (``fastdense toy pretrain``).
+- :mod:`fastdense.toy.pretrain`: training it from scratch (``fastdense toy pretrain``);
+- here: the shipped model and its evaluation (:func:`fidelity_scores`, on top of
+  :func:`fastdense.evaluate.evaluate`).
+
+The library never imports this package; the toy preset names it by "module:attr" strings
+(``model.path: fastdense.toy:shipped_model_dir``, the prompt providers of
+:mod:`fastdense.toy.world`) and the reward registry by ``fastdense.toy.reward:ColorFidelity``.
 
 The shipped model (:func:`shipped_model_dir`) is a pixel-space model: images in
 [-1, 1] (``x = 2 * image - 1``), decoded by the identity (``fastdense.sampler.decode``
@@ -27,6 +35,7 @@ __all__ = [
     "DEFAULT_ETA",
     "evaluate_fidelity",
     "fidelity_scores",
+    "is_toy_model",
     "shipped_model_dir",
     "shipped_weights_path",
 ]
@@ -57,6 +66,11 @@ def shipped_model_dir() -> Path:
     return path
 
 
+def is_toy_model(path: str | Path | None) -> bool:
+    """A model made by ``fastdense toy pretrain`` (it writes toy_info.json), or ``None``: the shipped one."""
+    return path is None or (Path(path).expanduser() / "toy_info.json").is_file()
+
+
 def fidelity_scores(
     model_dir: str | Path,
     prompts: Sequence[str] | None = None,
@@ -67,17 +81,18 @@ def fidelity_scores(
     *,
     parts=None,
 ):
-    """Colour-fidelity reward ``[len(prompts), len(seeds)]`` of samples of the model.
+    """Colour-fidelity reward ``[len(prompts), len(seeds)]`` (float32) of samples of the model.
 
     Sample ``(i, j)`` is ``prompts[i]`` with noise seed ``seeds[j]``, drawn by
-    :class:`fastdense.sampler.Sampler` (DDIM, ``steps``, CFG ``guidance``, ``eta``) and
-    decoded by :func:`fastdense.sampler.decode`. ``prompts`` default to
+    :class:`fastdense.sampler.Sampler` (DDIM, ``steps``, CFG ``guidance``, ``eta``), decoded and
+    scored by :func:`fastdense.evaluate.evaluate`. ``prompts`` default to
     :data:`fastdense.toy.world.HELDOUT_PROMPTS`. ``parts``: already loaded
     ``PipelineParts`` (``model_dir`` is then ignored).
     """
+    from fastdense.evaluate import evaluate
     from fastdense.models.loading import load_pipeline_parts
-    from fastdense.rewards import get_reward
-    from fastdense.sampler import Sampler, decode
+    from fastdense.sampler import Sampler
+    from fastdense.toy.reward import ColorFidelity
     from fastdense.toy.world import HELDOUT_PROMPTS
 
     prompts = list(HELDOUT_PROMPTS if prompts is None else prompts)
@@ -86,14 +101,9 @@ def fidelity_scores(
         raise FastdenseError("evaluate_fidelity needs at least one prompt and one seed")
     if parts is None:
         parts = load_pipeline_parts(model_dir)
-    batch_prompts = [p for p in prompts for _ in seeds]
-    batch_seeds = [s for _ in prompts for s in seeds]
-    traj = Sampler(parts, compile=False).sample(
-        batch_prompts, num_steps=steps, guidance=guidance, eta=eta, seed=batch_seeds
-    )
-    images = decode(parts, traj.final_latents)
-    scores = get_reward("color_fidelity")(images, batch_prompts)
-    return scores.reshape(len(prompts), len(seeds))
+    result = evaluate(Sampler(parts, compile=False), parts, ColorFidelity(), prompts, seeds,
+                      num_steps=steps, guidance=guidance, eta=eta)
+    return result.scores.float().reshape(len(prompts), len(seeds))  # the reward's float32, exactly
 
 
 def evaluate_fidelity(

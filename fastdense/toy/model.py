@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastdense.errors import FastdenseError
+from fastdense.testing import clip_bpe, write_bpe_files
 from fastdense.toy.world import CAPTION_WORDS
 
 __all__ = [
@@ -33,9 +34,6 @@ __all__ = [
     "toy_tokenizer",
     "toy_vocab_and_merges",
 ]
-
-SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
-
 
 @dataclass(frozen=True)
 class ToyModelConfig:
@@ -77,50 +75,10 @@ class ToyModelConfig:
 
 
 def toy_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A byte-level CLIP BPE vocabulary: the two specials, printable ASCII (plain and
-    end-of-word), and merges that make every word of :data:`CAPTION_WORDS` one token.
-
-    Merges build each word left to right; a word that an earlier merge splits
-    differently gets extra merges for the pieces it was split into, until every toy
-    word is a single token (checked against the real tokenizer).
-    """
-    vocab: dict[str, int] = {}
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-
-    def add(token: str) -> None:
-        if token not in vocab:
-            vocab[token] = len(vocab)
-
-    def chain(pieces: list[str]) -> None:
-        left = pieces[0]
-        for piece in pieces[1:]:
-            if (left, piece) not in seen:
-                seen.add((left, piece))
-                merges.append((left, piece))
-            left = left + piece
-            add(left)
-
-    for token in SPECIAL_TOKENS:
-        add(token)
-    for code in range(33, 127):  # ByteLevel maps printable ASCII to itself
-        add(chr(code))
-    for code in range(33, 127):
-        add(chr(code) + "</w>")
-    for word in CAPTION_WORDS:
-        chain([*word[:-1], word[-1] + "</w>"])
-
-    from transformers import CLIPTokenizer
-
-    for _ in range(len(CAPTION_WORDS)):
-        tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=16)
-        split = [tokenizer.tokenize(w) for w in CAPTION_WORDS]
-        split = [pieces for pieces in split if len(pieces) > 1]
-        if not split:
-            return vocab, merges
-        for pieces in split:
-            chain(pieces)
-    raise RuntimeError("could not make every toy word a single token")  # pragma: no cover
+    """The toy tokenizer's byte-level CLIP BPE vocabulary (:func:`fastdense.testing.clip_bpe`):
+    the two specials, printable ASCII (plain and end-of-word), and merges that make every word
+    of :data:`CAPTION_WORDS` one token."""
+    return clip_bpe(words=CAPTION_WORDS)
 
 
 def toy_tokenizer(max_length: int = 16):
@@ -229,8 +187,7 @@ def _save_tokenizer(directory: Path, tokenizer) -> None:
     vocab, merges = toy_vocab_and_merges()
     if tokenizer.get_vocab() != vocab:
         raise FastdenseError("the tokenizer to save is not the toy tokenizer")
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1) + "\n")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    write_bpe_files(directory, vocab, merges)
     tokenizer.save_pretrained(str(directory))
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from fastdense.errors import FastdenseError
-from fastdense.rewards.colors import COLOR_NAMES
+from fastdense.toy.colors import COLOR_NAMES
 from fastdense.toy.model import ToyModelConfig, build_toy_model, config_dict, save_toy_model, toy_scheduler_config
 from fastdense.toy.world import Scene, caption, is_heldout, random_scene, render_batch
 

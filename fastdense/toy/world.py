@@ -2,10 +2,10 @@
 
 Every image holds one shape (``SHAPES``) of one palette colour, of one size
 (``SIZES``) at a random position, on a plain background of another palette colour.
-Colours come from :data:`fastdense.rewards.colors.PALETTE` (the single source of
+Colours come from :data:`fastdense.toy.colors.PALETTE` (the single source of
 truth, shared with the ``color_fidelity`` reward).
 
-Caption grammar (a subset of what :func:`fastdense.rewards.colors.parse_toy_prompt`
+Caption grammar (a subset of what :func:`fastdense.toy.colors.parse_toy_prompt`
 parses; :func:`caption` writes it through ``format_toy_prompt``)::
 
     caption := "a" [SIZE] COLOR SHAPE "on a" COLOR "background"
@@ -22,6 +22,10 @@ palette colour exactly, so a perfect rendering scores 1.0 under ``color_fidelity
 Held-out split: :data:`HELDOUT_TRIPLES` lists (shape colour, shape, background)
 combinations that training never shows under any caption; :data:`HELDOUT_PROMPTS`
 are their captions (one size each) and evaluation uses them with its own noise seeds.
+
+The toy preset trains on :func:`train_prompts` and evaluates on :data:`HELDOUT_PROMPTS`
+(``data.prompts_file: fastdense.toy.world:train_prompts``, ``data.eval_prompts_file:
+fastdense.toy.world:HELDOUT_PROMPTS``: prompt providers, :mod:`fastdense.data`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 
 from fastdense.errors import FastdenseError
-from fastdense.rewards.colors import COLOR_NAMES, PALETTE, format_toy_prompt, parse_toy_prompt
+from fastdense.toy.colors import COLOR_NAMES, PALETTE, format_toy_prompt, parse_toy_prompt
 
 __all__ = [
     "SHAPES",
@@ -42,6 +46,7 @@ __all__ = [
     "CAPTION_WORDS",
     "HELDOUT_TRIPLES",
     "HELDOUT_PROMPTS",
+    "TRAIN_PROMPT_COUNT",
     "Scene",
     "caption",
     "is_heldout",
@@ -49,6 +54,7 @@ __all__ = [
     "render",
     "render_batch",
     "scene_from_prompt",
+    "train_prompts",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "ring", "cross")
@@ -83,6 +89,22 @@ _HELDOUT_SET = frozenset(HELDOUT_TRIPLES)
 HELDOUT_PROMPTS: tuple[str, ...] = tuple(
     format_toy_prompt(c, s, b, size=SIZES[k % 2]) for k, (c, s, b) in enumerate(HELDOUT_TRIPLES)
 )
+
+
+#: Training prompts of the toy preset: 256 of the 528 training captions (many prompts, few rollouts each).
+TRAIN_PROMPT_COUNT = 256
+
+
+def train_prompts(count: int = TRAIN_PROMPT_COUNT, seed: int = 0) -> list[str]:
+    """``count`` distinct training captions (held-out combinations excluded), in the order a
+    ``seed``-ed stream of random scenes first captions them."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, None] = {}
+    for _ in range(50 * count):
+        out.setdefault(caption(random_scene(rng)))
+        if len(out) >= count:
+            break
+    return list(out)
 
 
 def is_heldout(color: str, shape: str, background: str) -> bool:

@@ -1,6 +1,7 @@
-"""The trainer's evaluation and outputs: the policy on the held-out prompts × fixed seeds (mean
-reward, images, per-image rewards), the evaluation grids, and what a finished run writes on rank 0
-(LoRA or full UNet, eval_after.png, before_after.png, reward_curve.png, summary.json).
+"""The trainer's evaluation and outputs: the policy on the held-out prompts × fixed seeds
+(:func:`fastdense.evaluate.evaluate`: mean reward, images, per-image rewards), the evaluation
+grids, and what a finished run writes on rank 0 (LoRA or full UNet, eval_after.png, before_after.png,
+reward_curve.png, summary.json).
 
 The before evaluation runs when a run starts; its grid (eval_before.png) and per-image rewards
 (eval_before.json) stay in the run directory, so a resumed run draws the same before_after.png.
@@ -10,10 +11,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
+from fastdense.evaluate import Evaluation, evaluate
 from fastdense.training import plots
 from fastdense.training.tracking import from_json_float, json_value
 
@@ -22,32 +23,15 @@ __all__ = ["EVAL_BEFORE", "Evaluation", "OutputsMixin"]
 EVAL_BEFORE = "eval_before.json"  # the before evaluation's prompts, seeds and per-image rewards
 
 
-class Evaluation(NamedTuple):
-    """:meth:`Trainer.evaluate`: the mean reward over the finite scores, the images [P·S, 3, H, W]
-    (prompt-major) and each image's reward [P·S] (float64, NaN where the reward was not finite)."""
-
-    reward: float
-    images: torch.Tensor
-    scores: torch.Tensor
-
-
 class OutputsMixin:
     """Evaluation and outputs; part of :class:`fastdense.training.trainer.Trainer`."""
 
-    @torch.no_grad()
     def evaluate(self) -> Evaluation:
         """The policy on eval prompts × eval seeds: mean reward, images [P·S, 3, H, W], per-image rewards."""
-        from fastdense.sampler import decode
-
         cfg = self.cfg
-        seeds = list(cfg.data.eval_seeds)
-        prompts = [p for p in self.eval_prompts for _ in seeds]
-        traj = self.sampler.sample(prompts, num_steps=cfg.sampling.num_steps, guidance=cfg.sampling.guidance,
-                                   eta=cfg.sampling.eta, seed=[s for _ in self.eval_prompts for s in seeds])
-        images = decode(self.parts, traj.final_latents, batch_size=cfg.reward.batch_size)
-        scores = self.reward(images, prompts).double()
-        finite = scores[torch.isfinite(scores)]
-        return Evaluation(float(finite.mean()) if finite.numel() else float("nan"), images.cpu(), scores.cpu())
+        return evaluate(self.sampler, self.parts, self.reward, self.eval_prompts, cfg.data.eval_seeds,
+                        num_steps=cfg.sampling.num_steps, guidance=cfg.sampling.guidance, eta=cfg.sampling.eta,
+                        decode_batch_size=cfg.reward.batch_size)
 
     def _eval_grid(self, images: torch.Tensor):
         return plots.eval_grid(images, len(self.eval_prompts), len(self.cfg.data.eval_seeds))

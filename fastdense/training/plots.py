@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from fastdense.images import image_grid, to_pil  # noqa: F401  (to_pil: importable from here, as before)
+
 __all__ = ["before_after", "eval_grid", "grid_tiles", "reward_curve", "to_pil"]
 
 MAX_ROWS = 4  # prompts shown in the evaluation grids
@@ -25,26 +27,13 @@ MAX_COLS = 4  # seeds shown per prompt
 MIN_TILE = 64  # small images (the toy model's 16 px) are scaled up to at least this many pixels
 
 
-def to_pil(image: torch.Tensor):
-    """[3, H, W] in [0, 1] → a PIL image."""
-    from PIL import Image
-
-    array = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
-
-
 def eval_grid(images: torch.Tensor, n_prompts: int, n_seeds: int):
     """The evaluation images [P·S, 3, H, W] (prompt-major) → a PIL grid of the first
     ``MAX_ROWS`` prompts × ``MAX_COLS`` seeds, small images scaled up (nearest) to ``MIN_TILE`` px."""
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-
     rows, cols = min(MAX_ROWS, n_prompts), min(MAX_COLS, n_seeds)
     h, w = images.shape[-2:]
-    scale = max(1, MIN_TILE // max(h, w))
-    tiles = [to_pil(images[r * n_seeds + c]).resize((w * scale, h * scale), Image.NEAREST)
-             for r in range(rows) for c in range(cols)]
-    return make_image_grid(tiles, rows, cols)
+    shown = [images[r * n_seeds + c] for r in range(rows) for c in range(cols)]
+    return image_grid(shown, rows, cols, scale=max(1, MIN_TILE // max(h, w)))
 
 
 def grid_tiles(grid, rows: int, cols: int) -> list:

@@ -29,7 +29,7 @@ import torch
 
 from fastdense import checkpoint as ckpt_mod
 from fastdense.config import Config, validate
-from fastdense.data import load_prompts
+from fastdense.data import load_prompts, resolve_model_path
 from fastdense.devices import DTYPES
 from fastdense.errors import FastdenseError, one_line
 from fastdense.training import run_dir as run_dir_mod
@@ -95,6 +95,7 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
             self.resume_from = Path(resume)
             resume_state = ckpt_mod.validate_checkpoint(self.resume_from)  # before anything heavy
 
+        self.model_path = resolve_model_path(cfg.model.path)  # a directory or hub id (providers resolved)
         self.prompts, self.eval_prompts = load_prompts(cfg)
         self.dist = init_distributed(cfg.run.device)
         if resume_state is not None:
@@ -118,11 +119,7 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
         from fastdense.models.loading import load_pipeline_parts
 
         cfg = self.cfg
-        path = cfg.model.path
-        if path is None:
-            from fastdense.toy import shipped_model_dir
-
-            path = shipped_model_dir()
+        path = self.model_path
         self.parts = load_pipeline_parts(path, device=self.device)
         self.unet = self.parts.unet
         self.lora = cfg.model.lora_rank > 0
