@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 
 import typer
 
@@ -22,12 +21,14 @@ try:  # typer >= 0.20 vendors click as typer._click; older typer uses click itse
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as click_exceptions
 
+from fastdense.cli import _signals
 from fastdense.cli import bench as bench_cmds
 from fastdense.cli import env as env_cmds
 from fastdense.cli import profile as profile_cmds
 from fastdense.cli import sample as sample_cmds
 from fastdense.cli import toy as toy_cmds
 from fastdense.cli import train as train_cmds
+from fastdense.cli._signals import Terminated, stop_signals_raise  # noqa: F401 (Terminated: public name)
 
 app = typer.Typer(
     name="fastdense",
@@ -68,55 +69,51 @@ def _strip_launcher_rank(argv: list[str]) -> list[str]:
     return rest
 
 
-class Terminated(BaseException):
-    """SIGTERM as an exception (like KeyboardInterrupt for SIGINT): ``finally`` blocks run, and the
-    command ends with ``error: terminated`` and exit code 143 instead of dying mid-write."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     debug = os.environ.get("FASTDENSE_DEBUG", "0") == "1"
     argv = _strip_launcher_rank(list(sys.argv[1:] if argv is None else argv))
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-    try:
+    with stop_signals_raise():
         _run(command, argv, debug)
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _fail_for_signal() -> None:
+    """After a stop signal, whatever surfaced (a library may have wrapped the KeyboardInterrupt)
+    is reported as the interruption."""
+    if _signals.received == signal.SIGTERM:
+        _fail("terminated", 143)
+    _fail("interrupted", 130)
 
 
 def _run(command, argv: list[str], debug: bool) -> None:
     try:
         code = command.main(args=argv, prog_name="fastdense", standalone_mode=False)
-    except typer.Exit as exit_:
-        sys.exit(exit_.exit_code)
-    except typer.Abort:  # click < 8.2 / older typer: what Ctrl-C becomes
-        _fail("interrupted", 130)
-    except click_exceptions.NoArgsIsHelpError:
-        sys.exit(0)  # typer has printed the help already
-    except click_exceptions.ClickException as err:
-        if debug:
-            raise
-        _fail(err.format_message(), err.exit_code if err.exit_code else 2)
-    except USER_ERRORS as err:
-        if debug:
-            raise
-        _fail(str(err))
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except Terminated:
-        _fail("terminated", 143)
+    except (KeyboardInterrupt, Terminated, typer.Abort):  # typer.Abort: Ctrl-C in click < 8.2
+        _fail_for_signal()
+    except Exception as err:
+        if _signals.received is not None and not debug:
+            _fail_for_signal()
+        _fail_for_error(err, debug)
+    if _signals.received is not None:
+        _fail_for_signal()
     # Without standalone mode, typer returns the code of an Exit raised in a command instead of
     # exiting, and turns Ctrl-C (KeyboardInterrupt) into that code 130. Our commands return None.
     if isinstance(code, int) and not isinstance(code, bool) and code != 0:
         if code == 130:
             _fail("interrupted", 130)
         sys.exit(code)
+
+
+def _fail_for_error(err: Exception, debug: bool) -> None:
+    if isinstance(err, typer.Exit):
+        sys.exit(err.exit_code)
+    if isinstance(err, click_exceptions.NoArgsIsHelpError):
+        sys.exit(0)  # typer has printed the help already
+    if debug or not isinstance(err, (click_exceptions.ClickException, *USER_ERRORS)):
+        raise err
+    if isinstance(err, click_exceptions.ClickException):
+        _fail(err.format_message(), err.exit_code if err.exit_code else 2)
+    _fail(str(err))
 
 
 if __name__ == "__main__":
