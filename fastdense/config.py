@@ -350,11 +350,23 @@ def build_config(
     if preset is not None:
         _apply(cfg, read_config_file(preset_path(preset)))
     if config_file is not None:
-        _apply(cfg, read_config_file(config_file))
+        _apply(cfg, _read_legacy_model_path(read_config_file(config_file)))
     for text in overrides or []:
         _apply(cfg, parse_override(text))
     validate(cfg)
     return cfg
+
+
+# Until 2026-12-04, ``model.path: null`` meant the shipped toy model (runs saved it that way in
+# config.json); the toy preset now names it. Read so, old configs and checkpoints keep working.
+LEGACY_NULL_MODEL = "fastdense.toy:shipped_model_dir"
+
+
+def _read_legacy_model_path(values: dict[str, Any]) -> dict[str, Any]:
+    model = values.get("model")
+    if isinstance(model, dict) and "path" in model and model["path"] is None:
+        values = {**values, "model": {**model, "path": LEGACY_NULL_MODEL}}
+    return values
 
 
 # ------------------------------------------------------------------------- validation

@@ -10,6 +10,10 @@ A *prompt source* is a file or a provider:
 ``model.path`` is a diffusers directory, a hub id, or a provider of a directory (e.g.
 ``fastdense.toy:shipped_model_dir``, the toy preset's model). Providers are resolved here by
 importlib, from strings in configs: the library itself never names a provider's package.
+
+A model directory may name its own default prompt sources in ``fastdense.json``
+(``{"train_prompts": source, "eval_prompts": source}``; the toy models carry one), used when the
+config gives no prompts of that kind.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ __all__ = [
     "resolve_model_path",
     "resolve_provider",
 ]
+
+MODEL_DEFAULTS_FILE = "fastdense.json"  # in a model directory: its default prompt sources
 
 # "package.module:attr.attr": no spaces, no slashes, so neither a prompt nor a file path or hub id.
 _PROVIDER = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
@@ -119,20 +125,43 @@ def resolve_model_path(path: str | None) -> str | Path:
     return path
 
 
-def load_prompts(cfg: Config) -> tuple[list[str], list[str]]:
+def model_prompt_defaults(model_path: str | Path | None) -> dict[str, str]:
+    """The default prompt sources a local model directory names in its ``fastdense.json`` ({} if none)."""
+    if model_path is None:
+        return {}
+    path = Path(model_path).expanduser() / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FastdenseError(f"{path} cannot be read as JSON ({one_line(err)})") from None
+    allowed = {"train_prompts", "eval_prompts"}
+    if not (isinstance(values, dict) and set(values) <= allowed and all(isinstance(v, str) for v in values.values())):
+        raise FastdenseError(f"{path} must be a JSON object with prompt sources (strings) under {sorted(allowed)}")
+    return values
+
+
+def load_prompts(cfg: Config, model_path: str | Path | None = None) -> tuple[list[str], list[str]]:
     """(training prompts, evaluation prompts) from the config, duplicates dropped (first kept).
 
-    Training: ``data.prompts``, then ``data.prompts_file``. Evaluation: ``data.eval_prompts``, then
-    ``data.eval_prompts_file``; neither: the first 8 training prompts."""
+    Training: ``data.prompts``, then ``data.prompts_file``; neither: the model directory's default
+    (``fastdense.json``). Evaluation: ``data.eval_prompts``, then ``data.eval_prompts_file``; neither:
+    the model directory's default, else the first 8 training prompts."""
     d = cfg.data
+    defaults = model_prompt_defaults(model_path)
     prompts = list(d.prompts)
     if d.prompts_file is not None:
         prompts += read_prompt_source(d.prompts_file, "data.prompts_file")
+    if not prompts and "train_prompts" in defaults:
+        prompts = read_prompt_source(defaults["train_prompts"], f"{MODEL_DEFAULTS_FILE} train_prompts")
     if not prompts:
         raise FastdenseError("no training prompts: set data.prompts or data.prompts_file")
     eval_prompts = list(d.eval_prompts)
     if d.eval_prompts_file is not None:
         eval_prompts += read_prompt_source(d.eval_prompts_file, "data.eval_prompts_file")
+    if not eval_prompts and "eval_prompts" in defaults:
+        eval_prompts = read_prompt_source(defaults["eval_prompts"], f"{MODEL_DEFAULTS_FILE} eval_prompts")
     if not eval_prompts:
         eval_prompts = prompts[:8]
     if not d.eval_seeds:

@@ -115,3 +115,39 @@ def test_moved_toy_names_stay_importable():
     assert train_mod.is_toy_model(None)
     with pytest.raises(AttributeError):
         _ = rewards.NoSuchName
+
+
+def test_a_config_saved_with_a_null_model_path_reads_as_the_shipped_toy_model(tmp_path):
+    """Runs saved before the toy preset named its model wrote ``model.path: null`` (the toy model then):
+    they resume with the same model and the same prompts as the toy preset gives."""
+    from fastdense.config import build_config
+    from fastdense.data import load_prompts, resolve_model_path
+
+    old = tmp_path / "config.json"
+    old.write_text(json.dumps({"model": {"path": None}, "data": {"prompts_file": None, "eval_prompts": []}}))
+    cfg = build_config(config_file=old)
+    assert cfg.model.path == "fastdense.toy:shipped_model_dir"
+    preset = build_config(preset="toy")
+    assert resolve_model_path(cfg.model.path) == resolve_model_path(preset.model.path)
+    model = resolve_model_path(cfg.model.path)
+    assert load_prompts(cfg, model) == load_prompts(preset, model)
+
+
+def test_a_model_directory_names_its_default_prompts(tmp_path):
+    from fastdense.config import build_config
+    from fastdense.data import load_prompts
+
+    (tmp_path / "fastdense.json").write_text(json.dumps({"train_prompts": "fastdense.toy.world:HELDOUT_PROMPTS"}))
+    cfg = build_config(overrides=["data.eval_prompts=[a dog]"])
+    train, evaluation = load_prompts(cfg, tmp_path)
+    from fastdense.toy.world import HELDOUT_PROMPTS
+
+    assert train == list(HELDOUT_PROMPTS) and evaluation == ["a dog"]
+    cfg = build_config(overrides=["data.prompts=[a cat]"])
+    assert load_prompts(cfg, tmp_path)[0] == ["a cat"]  # the config wins
+    with pytest.raises(FastdenseError, match="no training prompts"):
+        load_prompts(build_config(), tmp_path / "nowhere")
+    (tmp_path / "fastdense.json").write_text(json.dumps({"prompts": 3}))
+    with pytest.raises(FastdenseError, match="fastdense.json must be a JSON object") as err:
+        load_prompts(cfg, tmp_path)
+    assert "\n" not in str(err.value)

@@ -74,6 +74,10 @@ class ToyModelConfig:
         return down, up
 
 
+TOY_PROMPT_SOURCES = {"train_prompts": "fastdense.toy.world:train_prompts",
+                      "eval_prompts": "fastdense.toy.world:HELDOUT_PROMPTS"}
+
+
 def toy_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The toy tokenizer's byte-level CLIP BPE vocabulary (:func:`fastdense.testing.clip_bpe`):
     the two specials, printable ASCII (plain and end-of-word), and merges that make every word
@@ -173,6 +177,8 @@ def save_toy_model(directory: str | Path, tokenizer, text_encoder, unet, info: d
         "vae": [None, None],
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    # its default prompts, for `fastdense train --model DIR` without any (fastdense.data.load_prompts)
+    (root / "fastdense.json").write_text(json.dumps(TOY_PROMPT_SOURCES, indent=2, sort_keys=True) + "\n")
     if info is not None:
         (root / "toy_info.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     for path in root.rglob("*"):

@@ -96,7 +96,7 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
             resume_state = ckpt_mod.validate_checkpoint(self.resume_from)  # before anything heavy
 
         self.model_path = resolve_model_path(cfg.model.path)  # a directory or hub id (providers resolved)
-        self.prompts, self.eval_prompts = load_prompts(cfg)
+        self.prompts, self.eval_prompts = load_prompts(cfg, self.model_path)
         self.dist = init_distributed(cfg.run.device)
         if resume_state is not None:
             ckpt_mod.validate_checkpoint(self.resume_from, world_size=self.dist.world_size)
