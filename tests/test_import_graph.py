@@ -90,6 +90,15 @@ def test_library_never_imports_cli_benchmarks_or_toy():
     assert violations(modules) == []
 
 
+def test_benchmarks_and_the_toy_world_never_import_the_cli():
+    """One way: the CLI imports benchmarks and the toy world, never the reverse (gpu_check once did)."""
+    modules = installed_modules()
+    found = [f"{module} imports {name}" for module, path in sorted(modules.items())
+             if _within(module, ("fastdense.benchmarks", "fastdense.toy"))
+             for name in sorted(imported_names(module, path)) if _within(name, ("fastdense.cli",))]
+    assert found == []
+
+
 def test_allow_list_entries_are_still_needed():
     modules = installed_modules()
     for module, name in ALLOWED:
