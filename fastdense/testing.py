@@ -254,22 +254,7 @@ def build_tiny_pipeline(
     if vae is not None:
         vae.save_pretrained(str(root / "vae"))
 
-    import diffusers
+    from fastdense.models.loading import write_model_index
 
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"] if vae is not None else [None, None],
-    }
-    if vae is None:
-        # Not loadable by StableDiffusionPipeline (it needs a VAE); fastdense loads it as pixel-space.
-        index["_class_name"] = "FastdensePixelPipeline"
-    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_model_index(root, with_vae=vae is not None)
     return root

@@ -78,13 +78,14 @@ def test_model_path(provider_module, tmp_path):
         resolve_model_path(f"{provider_module}:PROMPTS")
 
 
-def test_toy_preset_names_its_model_and_prompts():
+def test_toy_preset_names_its_model_and_the_model_its_prompts():
     from fastdense.toy import shipped_model_dir
     from fastdense.toy.world import HELDOUT_PROMPTS, TRAIN_PROMPT_COUNT, train_prompts
 
     cfg = build_config(preset="toy")
     assert resolve_model_path(cfg.model.path) == shipped_model_dir()
-    prompts, eval_prompts = load_prompts(cfg)
+    assert cfg.data.prompts_file is None and cfg.data.eval_prompts_file is None  # defaults: the model's
+    prompts, eval_prompts = load_prompts(cfg, shipped_model_dir())
     assert prompts == train_prompts() and len(prompts) == TRAIN_PROMPT_COUNT == 256
     assert eval_prompts == list(HELDOUT_PROMPTS)
 
@@ -151,3 +152,16 @@ def test_a_model_directory_names_its_default_prompts(tmp_path):
     with pytest.raises(FastdenseError, match="fastdense.json must be a JSON object") as err:
         load_prompts(cfg, tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_prompts_given_on_the_toy_preset_replace_the_models_defaults():
+    """The toy model's own prompts are defaults: prompts in the config replace them, not add to them."""
+    from fastdense.toy.world import HELDOUT_PROMPTS
+
+    preset = build_config(preset="toy")
+    model = resolve_model_path(preset.model.path)
+    train, evaluation = load_prompts(preset, model)
+    assert len(train) == 256 and evaluation == list(HELDOUT_PROMPTS)
+    cfg = build_config(preset="toy", overrides=["data.prompts=[a red circle on a blue background]",
+                                                 "data.eval_prompts=[a blue ring on a red background]"])
+    assert load_prompts(cfg, model) == (["a red circle on a blue background"], ["a blue ring on a red background"])

@@ -98,10 +98,29 @@ def _env(reward_dir, markers: Path | None = None, pause_s: float = 0.0, pause_ra
     return env
 
 
+def _default_stop_signals() -> None:
+    """In the child: SIGINT and SIGTERM at their defaults. A shell without job control starts
+    background jobs (``make test &``) with SIGINT ignored, and an ignored signal is inherited and
+    stays ignored (nohup's convention, which the CLI keeps)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _start(cmd, env, logs: Path) -> subprocess.Popen:
     logs.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(cmd, env=env, stdout=open(logs / "stdout", "w"), stderr=open(logs / "stderr", "w"),
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_default_stop_signals)
+
+
+@pytest.fixture
+def default_stop_signals():
+    """In this process, for one test: SIGINT and SIGTERM at Python's defaults (see above)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 def _finish(proc: subprocess.Popen, logs: Path, timeout: float = 300) -> tuple[int, str, str]:
@@ -293,7 +312,7 @@ def _in_a_finalizer_send(sig):
 
 
 @pytest.mark.parametrize("sig, expected", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, None)])
-def test_a_signal_raised_inside_a_finalizer_is_delivered_again(sig, expected):
+def test_a_signal_raised_inside_a_finalizer_is_delivered_again(sig, expected, default_stop_signals):
     from fastdense.cli._signals import Terminated, stop_signals_raise
 
     expected = expected or Terminated
@@ -306,7 +325,7 @@ def test_a_signal_raised_inside_a_finalizer_is_delivered_again(sig, expected):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_an_error_that_follows_a_signal_is_reported_as_the_interruption(monkeypatch, capsys):
+def test_an_error_that_follows_a_signal_is_reported_as_the_interruption(monkeypatch, capsys, default_stop_signals):
     """transformers' lazy import catches the KeyboardInterrupt and raises an import error."""
     from fastdense.cli import main as cli_main
 
@@ -349,3 +368,14 @@ def test_a_stop_requested_by_code_checkpoints_and_raises(grey_dir, tmp_path):
     assert (stopped.step, stopped.signum, stopped.exit_code) == (2, signal.SIGTERM, 143)
     assert stopped.checkpoint == ckpt.latest_checkpoint(out) and stopped.checkpoint.name == ckpt.checkpoint_name(2)
     assert not (out / "lora").exists()
+
+
+def test_a_signal_the_parent_ignores_stays_ignored(default_stop_signals):
+    """nohup / a background job of a shell without job control: an ignored SIGINT is left ignored."""
+    from fastdense.cli._signals import stop_signals_raise
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with stop_signals_raise():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM: ours
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

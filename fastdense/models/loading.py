@@ -92,6 +92,26 @@ class PipelineParts:
 # Directory checks
 
 
+def write_model_index(root: Path, *, with_vae: bool) -> None:
+    """The ``model_index.json`` of an SD-layout directory we write (tiny test pipelines, toy models).
+    Without a VAE it is not loadable by StableDiffusionPipeline; fastdense loads it as pixel-space."""
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionPipeline" if with_vae else "FastdensePixelPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"] if with_vae else [None, None],
+    }
+    (Path(root) / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """The JSON object in ``path``; a one-line FastdenseError starting with ``what`` when it is missing or bad."""
     if not path.is_file():

@@ -154,8 +154,9 @@ def build_toy_model(config: ToyModelConfig = ToyModelConfig(), *, seed: int = 0)
 
 def save_toy_model(directory: str | Path, tokenizer, text_encoder, unet, info: dict[str, Any] | None = None) -> Path:
     """Write the model in diffusers layout (safetensors weights) under ``directory``."""
-    import diffusers
     from diffusers import DDIMScheduler
+
+    from fastdense.models.loading import write_model_index
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
@@ -163,20 +164,7 @@ def save_toy_model(directory: str | Path, tokenizer, text_encoder, unet, info: d
     text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
     _save_tokenizer(root / "tokenizer", tokenizer)
     DDIMScheduler(**toy_scheduler_config()).save_pretrained(str(root / "scheduler"))
-    index = {
-        # Not loadable by StableDiffusionPipeline (it needs a VAE); fastdense loads it as pixel-space.
-        "_class_name": "FastdensePixelPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": [None, None],
-    }
-    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_model_index(root, with_vae=False)
     # its default prompts, for `fastdense train --model DIR` without any (fastdense.data.load_prompts)
     (root / "fastdense.json").write_text(json.dumps(TOY_PROMPT_SOURCES, indent=2, sort_keys=True) + "\n")
     if info is not None:
