@@ -124,3 +124,14 @@ def train(
             f"reward before → after on held-out seeds: {result.reward_before:.4f} → {result.reward_after:.4f} "
             f"({delta:+.4f})"
         )
+        if result.paired is not None:
+            print(paired_line(result.paired))
+
+
+def paired_line(paired: dict) -> str:
+    """The summary's paired comparison in one line: means, difference and win rate with 95 % CIs."""
+    b, a, d, w = paired["before"], paired["after"], paired["difference"], paired["win_rate"]
+    return (f"paired on {paired['samples']} held-out samples ({paired['prompts']} prompts × "
+            f"{len(paired['seeds'])} seeds): {b['value']:.4f} → {a['value']:.4f}, difference "
+            f"{d['value']:+.4f} [95% CI {d['low']:+.4f}, {d['high']:+.4f}], win rate {w['value']:.3f} "
+            f"[{w['low']:.3f}, {w['high']:.3f}]")

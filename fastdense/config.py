@@ -101,6 +101,16 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    # the held-out evaluation (eval prompts x data.eval_seeds) after every N rounds, logged to
+    # metrics.jsonl, drawn in reward_curve.png and saved as eval/round_K.png; 0 = before and after only
+    every_rounds: int = 0
+    # the summary's paired before/after comparison (a 95 % CI) runs on eval prompts x
+    # (data.eval_seeds + this many more seeds, counting up from the largest eval seed)
+    paired_seeds: int = 0
+
+
+@dataclass
 class RewardConfig:
     name: str = "color_fidelity"
     batch_size: int = 8
@@ -123,6 +133,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -433,6 +444,8 @@ def validate(cfg: Config) -> Config:
             _check(Path(source).is_file() or is_provider(source), f"data.{key}", source,
                    "no such file (nor a 'package.module:attr' prompt provider)")
     _check(all(p.strip() for p in d.prompts), "data.prompts", d.prompts, "prompts must not be empty strings")
+    _check(cfg.eval.every_rounds >= 0, "eval.every_rounds", cfg.eval.every_rounds, "it must be >= 0 (0 = off)")
+    _check(cfg.eval.paired_seeds >= 0, "eval.paired_seeds", cfg.eval.paired_seeds, "it must be >= 0")
     _check(cfg.reward.batch_size >= 1, "reward.batch_size", cfg.reward.batch_size, "it must be >= 1")
     _check(r.checkpoint_every >= 1, "run.checkpoint_every", r.checkpoint_every, "it must be >= 1")
     _check(r.keep_last >= 1, "run.keep_last", r.keep_last, "it must be >= 1")

@@ -326,3 +326,59 @@ def test_rng_states_round_trip(tmp_path):
     got = (torch.rand(3), npr.rand(2), random.random(), torch.rand(2, generator=gens["a"]))  # noqa: NPY002
     assert torch.equal(expect[0], got[0]) and (expect[1] == got[1]).all() and expect[2] == got[2]
     assert torch.equal(expect[3], got[3])
+
+
+def test_round_evaluations_and_paired_summary_leave_training_unchanged(grey_dir, tmp_path):
+    """eval.every_rounds and eval.paired_seeds only add evaluations: the same updates bit for bit,
+    held-out rewards per round in metrics.jsonl, the history and eval/round_K.png, and a paired
+    before/after comparison whose numbers are those of the per-image rewards it stores."""
+    import numpy as np
+
+    from fastdense.stats import paired_difference, win_rate
+
+    common = ("train.rounds=3", "train.updates_per_round=1", "data.eval_seeds=[5,3]")
+    plain = train(small_config(grey_dir, *common), tmp_path / "plain", reward=Brightness(), progress=False)
+    cfg = small_config(grey_dir, *common, "eval.every_rounds=1", "eval.paired_seeds=3")
+    result = train(cfg, tmp_path / "evals", reward=Brightness(), progress=False)
+
+    def records(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    def updates(run):
+        return [{k: v for k, v in r.items() if k not in ("elapsed", "seconds", "samples_per_s")}
+                for r in records(run) if r["event"] == "train"]
+
+    assert updates(tmp_path / "evals") == updates(tmp_path / "plain")
+    assert result.reward_before == plain.reward_before and result.reward_after == plain.reward_after
+    from safetensors.torch import load_file
+
+    weights = [load_file(tmp_path / run / "lora/pytorch_lora_weights.safetensors") for run in ("plain", "evals")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    evals = [r for r in records(tmp_path / "evals") if r["event"] == "eval"]
+    tags = [(r["tag"], r.get("round")) for r in evals]
+    assert tags == [("before", None), ("round", 0), ("round", 1), ("after", None)]
+    assert [r for r in records(tmp_path / "plain") if r["event"] == "eval" and r["tag"] == "round"] == []
+    state = json.loads((ckpt.find_checkpoints(tmp_path / "evals")[-1][1] / "state.json").read_text())
+    assert [h.get("heldout") for h in state["history"]] == [evals[1]["reward"], evals[2]["reward"], None]
+    assert sorted(p.name for p in (tmp_path / "evals" / "eval").iterdir()) == ["round_1.png", "round_2.png"]
+    assert not (tmp_path / "plain" / "eval").exists()
+
+    # the paired set: eval seeds 5, 3 (reused) then 6, 7, 8 (the largest eval seed + 1, ...)
+    before = json.loads((tmp_path / "evals" / "eval_before.json").read_text())
+    after = json.loads((tmp_path / "evals" / "eval_after.json").read_text())
+    assert before["paired_seeds"] == after["paired_seeds"] == [5, 3, 6, 7, 8]
+    assert before["paired_rewards"][0][:2] == before["rewards"][0]
+    b, a = np.array(before["paired_rewards"]).ravel(), np.array(after["paired_rewards"]).ravel()
+    assert np.mean(a[:2]) == pytest.approx(result.reward_after)
+    assert np.mean(b[:2]) == pytest.approx(result.reward_before)
+    paired = result.paired
+    assert paired["samples"] == 5 and paired["prompts"] == 1
+    assert paired["difference"]["value"] == pytest.approx(float(np.mean(a - b)))
+    assert paired["difference"] == paired_difference(a, b).to_dict()
+    assert paired["win_rate"] == win_rate(a, b).to_dict()
+    assert paired["difference"]["low"] <= paired["difference"]["value"] <= paired["difference"]["high"]
+    summary = json.loads((tmp_path / "evals" / "summary.json").read_text())
+    assert summary["paired"] == json.loads(json.dumps(paired))
+    assert plain.paired is not None and plain.paired["samples"] == 2  # no extra seeds: the held-out set itself

@@ -1,10 +1,20 @@
 """The trainer's evaluation and outputs: the policy on the held-out prompts × fixed seeds
 (:func:`fastdense.evaluate.evaluate`: mean reward, images, per-image rewards), the evaluation
 grids, and what a finished run writes on rank 0 (LoRA or full UNet, eval_after.png, before_after.png,
-reward_curve.png, summary.json).
+reward_curve.png, eval_after.json, summary.json).
 
 The before evaluation runs when a run starts; its grid (eval_before.png) and per-image rewards
-(eval_before.json) stay in the run directory, so a resumed run draws the same before_after.png.
+(eval_before.json) stay in the run directory, so a resumed run draws the same before_after.png
+and makes the same paired comparison.
+
+Three evaluation sets, all on the eval prompts, each sample seeded on its own (the sampler's
+per-sample generators), so a sample is the same whichever set it is drawn in:
+
+* held-out: × ``data.eval_seeds``: the grids, the reward curve and the summary's means;
+* per round: the held-out set again after every ``eval.every_rounds`` rounds (eval/round_K.png);
+* paired: × (``data.eval_seeds`` + ``eval.paired_seeds`` more seeds), before and after training:
+  the summary's paired difference and win rate with 95 % bootstrap intervals (fastdense.stats).
+  Only the extra seeds are sampled again; the held-out samples are reused.
 """
 
 from __future__ import annotations
@@ -18,9 +28,25 @@ from fastdense.evaluate import Evaluation, evaluate
 from fastdense.training import plots
 from fastdense.training.tracking import from_json_float, json_value
 
-__all__ = ["EVAL_BEFORE", "Evaluation", "OutputsMixin"]
+__all__ = ["EVAL_AFTER", "EVAL_BEFORE", "Evaluation", "OutputsMixin", "paired_summary"]
 
 EVAL_BEFORE = "eval_before.json"  # the before evaluation's prompts, seeds and per-image rewards
+EVAL_AFTER = "eval_after.json"  # the same for the after evaluation (same prompts and seeds)
+ROUND_EVALS = "eval"  # eval/round_K.png: the held-out images after round K
+
+
+def paired_summary(before: list[list[float]], after: list[list[float]], seeds: list[int]) -> dict:
+    """The paired before/after comparison of per-image rewards [prompt][seed] on the same prompts
+    and seeds: both means, the mean difference and the win rate, each with a 95 % interval."""
+    from fastdense.stats import mean_ci, paired_difference, win_rate
+
+    b = torch.tensor(before, dtype=torch.float64).reshape(-1).numpy()
+    a = torch.tensor(after, dtype=torch.float64).reshape(-1).numpy()
+    return {
+        "prompts": len(before), "seeds": seeds, "samples": int(a.size),
+        "before": mean_ci(b).to_dict(), "after": mean_ci(a).to_dict(),
+        "difference": paired_difference(a, b).to_dict(), "win_rate": win_rate(a, b).to_dict(),
+    }
 
 
 class OutputsMixin:
@@ -33,6 +59,68 @@ class OutputsMixin:
                         num_steps=cfg.sampling.num_steps, guidance=cfg.sampling.guidance, eta=cfg.sampling.eta,
                         decode_batch_size=cfg.reward.batch_size)
 
+    def paired_extra_seeds(self) -> list[int]:
+        """The seeds that the paired comparison adds to data.eval_seeds (eval.paired_seeds of them)."""
+        start = max(self.cfg.data.eval_seeds) + 1
+        return list(range(start, start + self.cfg.eval.paired_seeds))
+
+    def evaluate_extra(self) -> Evaluation | None:
+        """The policy on eval prompts × the paired comparison's extra seeds (None: no extra seeds)."""
+        seeds = self.paired_extra_seeds()
+        if not seeds:
+            return None
+        cfg = self.cfg
+        return evaluate(self.sampler, self.parts, self.reward, self.eval_prompts, seeds,
+                        num_steps=cfg.sampling.num_steps, guidance=cfg.sampling.guidance, eta=cfg.sampling.eta,
+                        decode_batch_size=cfg.reward.batch_size)
+
+    def _paired_rewards(self, held_out: Evaluation, extra: Evaluation | None) -> list[list[float]]:
+        """Per-image rewards [prompt][seed] over data.eval_seeds + the extra seeds."""
+        P = len(self.eval_prompts)
+        rows = held_out.scores.reshape(P, -1)
+        if extra is not None:
+            rows = torch.cat([rows, extra.scores.reshape(P, -1)], dim=1)
+        return rows.tolist()
+
+    def _eval_record(self, held_out: Evaluation, extra: Evaluation | None) -> dict:
+        seeds = list(self.cfg.data.eval_seeds)
+        return {"prompts": self.eval_prompts, "seeds": seeds,
+                "rewards": json_value(held_out.scores.reshape(len(self.eval_prompts), len(seeds)).tolist()),
+                "paired_seeds": seeds + self.paired_extra_seeds(),
+                "paired_rewards": json_value(self._paired_rewards(held_out, extra))}
+
+    def _round_eval_due(self) -> bool:
+        """A round just ended, eval.every_rounds divides its number, and it is not the last round
+        (the after evaluation covers that one)."""
+        every, P = self.cfg.eval.every_rounds, self.cfg.train.updates_per_round
+        step = self.state.step
+        return every > 0 and step % P == 0 and (step // P) % every == 0 and step < self.total_steps
+
+    def _round_eval(self, round_index: int) -> None:
+        """The held-out evaluation after a round: its reward in metrics.jsonl and in the round's
+        history entry (the reward curve), its images in eval/round_K.png."""
+        ev = self.evaluate()
+        for entry in self.state.history:
+            if entry["round"] == round_index:
+                entry["heldout"] = ev.reward
+        self._log({"event": "eval", "tag": "round", "round": round_index, "step": self.state.step,
+                   "reward": ev.reward})
+        if self.dist.is_main:
+            self.save_round_eval(round_index, ev)
+
+    def save_round_eval(self, round_index: int, evaluation: Evaluation) -> None:
+        """eval/round_K.png (K counted from 1): the held-out images after round K, named and scored."""
+        prompts, seeds = self._shown()
+        rows, cols, n_seeds = len(prompts), len(seeds), len(self.cfg.data.eval_seeds)
+        scores = [float(evaluation.scores[r * n_seeds + c]) for r in range(rows) for c in range(cols)]
+        folder = self.run_dir / ROUND_EVALS
+        folder.mkdir(exist_ok=True)
+        tiles = plots.grid_tiles(self._eval_grid(evaluation.images), rows, cols)
+        plots.before_after(prompts, seeds, None, None, tiles, scores, folder / f"round_{round_index + 1}.png",
+                           after_mean=evaluation.reward, after_title=f"after round {round_index + 1}",
+                           caption=f"rows: the first {rows} of {len(self.eval_prompts)} evaluation prompts; "
+                           f"mean reward over all {len(self.eval_prompts)} prompts × {n_seeds} seed(s)")
+
     def _eval_grid(self, images: torch.Tensor):
         return plots.eval_grid(images, len(self.eval_prompts), len(self.cfg.data.eval_seeds))
 
@@ -40,12 +128,21 @@ class OutputsMixin:
         """The prompts and seeds the evaluation grids show."""
         return self.eval_prompts[: plots.MAX_ROWS], list(self.cfg.data.eval_seeds)[: plots.MAX_COLS]
 
-    def _save_eval_before(self, before: Evaluation) -> None:
+    def _save_eval_before(self, before: Evaluation, extra: Evaluation | None) -> None:
         self._eval_grid(before.images).save(self.run_dir / "eval_before.png")
-        seeds = list(self.cfg.data.eval_seeds)
-        rewards = before.scores.reshape(len(self.eval_prompts), len(seeds)).tolist()
-        record = {"prompts": self.eval_prompts, "seeds": seeds, "rewards": json_value(rewards)}
-        (self.run_dir / EVAL_BEFORE).write_text(json.dumps(record) + "\n")
+        (self.run_dir / EVAL_BEFORE).write_text(json.dumps(self._eval_record(before, extra)) + "\n")
+
+    def _load_paired_before(self) -> list[list[float]] | None:
+        """The before rewards of the paired comparison, from eval_before.json (None when missing or
+        made for other prompts or seeds: then the summary has no paired comparison)."""
+        try:
+            saved = json.loads((self.run_dir / EVAL_BEFORE).read_text())
+            if saved["prompts"] != self.eval_prompts or \
+                    saved["paired_seeds"] != list(self.cfg.data.eval_seeds) + self.paired_extra_seeds():
+                return None
+            return [[from_json_float(v) for v in row] for row in saved["paired_rewards"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _load_eval_before(self, rows: int, cols: int) -> tuple[list | None, list[float] | None]:
         """The before tiles and rewards shown in before_after.png, from eval_before.png / .json
@@ -64,7 +161,7 @@ class OutputsMixin:
             return None, None
         return plots.grid_tiles(grid, rows, cols), scores
 
-    def _write_outputs(self, after: Evaluation) -> Path:
+    def _write_outputs(self, after: Evaluation, after_extra: Evaluation | None = None) -> Path:
         from fastdense.lora import save_lora
 
         if self.lora:  # full weights in place: the caller holds self._gathered()
@@ -85,12 +182,17 @@ class OutputsMixin:
                            f"mean rewards over all {len(self.eval_prompts)} prompts × {n_seeds} seed(s)")
         plots.reward_curve(self.state.history, float(self.state.reward_before), after.reward,
                            self.run_dir / "reward_curve.png")
+        record = self._eval_record(after, after_extra)
+        (self.run_dir / EVAL_AFTER).write_text(json.dumps(record) + "\n")
+        before_paired = self._load_paired_before()
+        self.paired = None if before_paired is None else \
+            paired_summary(before_paired, self._paired_rewards(after, after_extra), record["paired_seeds"])
         summary = {
             "reward_before": self.state.reward_before, "reward_after": after.reward,
             "steps": self.state.step, "rounds": self.cfg.train.rounds,
             "skipped_updates": self.state.skipped_updates, "output": str(output),
             "eval_prompts": len(self.eval_prompts), "eval_seeds": list(self.cfg.data.eval_seeds),
-            "seconds": self.state.elapsed,
+            "seconds": self.state.elapsed, "paired": self.paired,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(json_value(summary), indent=2) + "\n")
         return output

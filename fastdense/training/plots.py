@@ -67,8 +67,10 @@ def _finite(v: Any) -> bool:
 
 def reward_curve(history: Sequence[dict[str, Any]], before: float, after: float, path: str | Path,
                  size: tuple[int, int] = (640, 400)) -> Path:
-    """Reward per round (rollout mean and max; rounds counted from 1) with the held-out reward
-    before and after training as horizontal lines; written to ``path`` (PNG, ``size`` pixels)."""
+    """Reward per round (rollout mean and max; rounds counted from 1) and the held-out reward:
+    as a curve from round 0 (before training) through every round evaluated on the way
+    (``heldout`` in a history entry) to the end when there are such rounds, else as horizontal
+    lines before and after training. Written to ``path`` (PNG, ``size`` pixels)."""
     from matplotlib.ticker import MaxNLocator
 
     fig = _figure(*size)
@@ -78,17 +80,24 @@ def reward_curve(history: Sequence[dict[str, Any]], before: float, after: float,
         points = [(h["round"] + 1, h[key]) for h in history if _finite(h.get(key))]
         if points:
             ax.plot([x for x, _ in points], [y for _, y in points], color=colour, marker=marker, label=label)
-    for value, label, colour, style, width in ((before, "held-out before", "tab:gray", ":", 2.5),
-                                               (after, "held-out after", "tab:green", "--", 1.5)):
-        if _finite(value):  # dotted under dashed: both stay visible when they coincide
-            ax.axhline(value, color=colour, linestyle=style, linewidth=width, label=f"{label}: {value:.4f}")
-    ax.set_xlabel("round")
+    last = max((h["round"] for h in history), default=0) + 1
+    per_round = [(h["round"] + 1, h["heldout"]) for h in history if _finite(h.get("heldout"))]
+    if per_round:
+        points = [(0, before), *per_round] + ([(last, after)] if per_round[-1][0] != last else [])
+        points = [(x, y) for x, y in points if _finite(y)]
+        ax.plot([x for x, _ in points], [y for _, y in points], color="tab:green", marker="s",
+                label=f"held-out: {before:.4f} → {after:.4f}")
+    else:
+        for value, label, colour, style, width in ((before, "held-out before", "tab:gray", ":", 2.5),
+                                                   (after, "held-out after", "tab:green", "--", 1.5)):
+            if _finite(value):  # dotted under dashed: both stay visible when they coincide
+                ax.axhline(value, color=colour, linestyle=style, linewidth=width, label=f"{label}: {value:.4f}")
+    ax.set_xlabel("round (0 = before training)" if per_round else "round")
     ax.set_ylabel("reward")
     ax.set_title("reward per round (rollouts) and on held-out prompts")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if history:
-        last = max(h["round"] for h in history) + 1
-        ax.set_xlim(0.5, last + 0.5)
+        ax.set_xlim(-0.5 if per_round else 0.5, last + 0.5)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize="small")
@@ -107,13 +116,14 @@ def _wrap(prompt: str, width: int = 28, lines: int = 4) -> str:
 def before_after(prompts: Sequence[str], seeds: Sequence[int], before: Sequence | None,
                  before_scores: Sequence[float] | None, after: Sequence, after_scores: Sequence[float],
                  path: str | Path, before_mean: float | None = None, after_mean: float | None = None,
-                 caption: str | None = None) -> Path:
+                 caption: str | None = None, after_title: str = "after training") -> Path:
     """One row per prompt: its images before training (left block) and after (right block), each
     titled with its seed and reward. ``before`` / ``after``: PIL tiles, row-major rows × seeds;
     ``before`` may be None (not available): that block is left out. ``caption``: a line under the
-    figure (what the means are taken over)."""
+    figure (what the means are taken over). ``after_title``: the right block's header."""
     rows, cols = len(prompts), len(seeds)
-    blocks = [("before", before, before_scores, before_mean), ("after", after, after_scores, after_mean)]
+    blocks = [("before training", before, before_scores, before_mean),
+              (after_title, after, after_scores, after_mean)]
     blocks = [b for b in blocks if b[1] is not None]
     tile_in = max(1.35, 2.2 / cols)  # a block is at least wide enough for its header
     label_in, header_in, gap = 2.3, 0.75, 0.25  # inches; gap: between the blocks, in tiles
@@ -131,7 +141,7 @@ def before_after(prompts: Sequence[str], seeds: Sequence[int], before: Sequence 
         first_col = b * (cols + 1)
         axes = [[fig.add_subplot(grid[r, first_col + c]) for c in range(cols)] for r in range(rows)]
         x = (axes[0][0].get_position().x0 + axes[0][-1].get_position().x1) / 2
-        header = f"{name} training" + (f"\nmean reward {mean:.3f}" if _finite(mean) else "")
+        header = name + (f"\nmean reward {mean:.3f}" if _finite(mean) else "")
         fig.text(x, 1 - 0.1 / height_in, header, ha="center", va="top", fontsize=10, fontweight="bold")
         for r in range(rows):
             for c in range(cols):

@@ -56,6 +56,9 @@ class TrainResult:
     skipped_updates: int
     output: Path | None
     metrics: Path
+    # the paired before/after comparison (fastdense.training.outputs.paired_summary); None when
+    # the before evaluation's rewards are not in the run directory (rank > 0 has none either)
+    paired: dict[str, Any] | None = None
 
 
 StepCallback = Callable[["Trainer", dict[str, Any]], None]
@@ -110,6 +113,7 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
         self.resumed = False
         self._warned_no_gap = False
         self._metrics: MetricsWriter | None = None  # rank 0, while run() runs
+        self.paired: dict[str, Any] | None = None  # the summary's paired comparison (rank 0, at the end)
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
 
@@ -314,9 +318,10 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
         main = self.dist.is_main
         if self.state.reward_before is None:
             before = self.evaluate()
+            before_extra = self.evaluate_extra()
             self.state.reward_before = before.reward
             if main:
-                self._save_eval_before(before)
+                self._save_eval_before(before, before_extra)
             self._log({"event": "eval", "tag": "before", "step": self.state.step, "reward": before.reward})
         bar = _progress_bar(self.console, enabled=self.show_progress and main)
         with bar:
@@ -332,6 +337,9 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
                 self.state.elapsed = time.perf_counter() - t_start
                 record["elapsed"] = self.state.elapsed
                 self._log(record)
+                if self._round_eval_due():  # before the checkpoint of this step, which then holds it
+                    bar.update(task, description=f"round {round_index + 1}/{cfg.train.rounds}: evaluating")
+                    self._round_eval(round_index)
                 bar.update(task, completed=self.state.step,
                            loss=record["loss"] if record["loss"] is not None else float("nan"),
                            reward=self.state.round_reward_mean)
@@ -345,15 +353,16 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
                     checkpoint = checkpoint or self.save_checkpoint()
                     raise TrainingInterrupted(self.state.step, signum, self.run_dir, checkpoint)
         after = self.evaluate()
+        after_extra = self.evaluate_extra()
         self._log({"event": "eval", "tag": "after", "step": self.state.step, "reward": after.reward})
         output = None
         with self._gathered():  # a collective under ZeRO-3: every rank enters, rank 0 writes
             if main:
-                output = self._write_outputs(after)
+                output = self._write_outputs(after, after_extra)
         return TrainResult(
             run_dir=self.run_dir, reward_before=float(self.state.reward_before), reward_after=after.reward,
             steps=self.state.step, rounds=cfg.train.rounds, skipped_updates=self.state.skipped_updates,
-            output=output, metrics=self.run_dir / "metrics.jsonl",
+            output=output, metrics=self.run_dir / "metrics.jsonl", paired=self.paired,
         )
 
 
