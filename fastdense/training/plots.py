@@ -20,7 +20,7 @@ import torch
 
 from fastdense.images import image_grid, to_pil  # noqa: F401  (to_pil: importable from here, as before)
 
-__all__ = ["before_after", "eval_grid", "grid_tiles", "reward_curve", "to_pil"]
+__all__ = ["before_after", "eval_grid", "grid_tiles", "new_figure", "reward_curve", "save_png", "to_pil"]
 
 MAX_ROWS = 4  # prompts shown in the evaluation grids
 MAX_COLS = 4  # seeds shown per prompt
@@ -42,7 +42,7 @@ def grid_tiles(grid, rows: int, cols: int) -> list:
     return [grid.crop((c * w, r * h, (c + 1) * w, (r + 1) * h)) for r in range(rows) for c in range(cols)]
 
 
-def _figure(width_px: int, height_px: int, dpi: int = 100):
+def new_figure(width_px: int, height_px: int, dpi: int = 100):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -51,7 +51,7 @@ def _figure(width_px: int, height_px: int, dpi: int = 100):
     return fig
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_png(fig, path: str | Path) -> Path:
     """Render on the Agg canvas and write an RGB PNG (matplotlib's own PNGs are RGBA)."""
     import numpy as np
     from PIL import Image
@@ -73,7 +73,7 @@ def reward_curve(history: Sequence[dict[str, Any]], before: float, after: float,
     lines before and after training. Written to ``path`` (PNG, ``size`` pixels)."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(*size)
+    fig = new_figure(*size)
     ax = fig.add_subplot()
     for key, label, colour, marker in (("reward_mean", "rollouts: mean", "tab:blue", "o"),
                                        ("reward_max", "rollouts: max", "tab:orange", "^")):
@@ -102,7 +102,7 @@ def reward_curve(history: Sequence[dict[str, Any]], before: float, after: float,
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _wrap(prompt: str, width: int = 28, lines: int = 4) -> str:
@@ -133,7 +133,7 @@ def before_after(prompts: Sequence[str], seeds: Sequence[int], before: Sequence 
     width_in = label_in + tile_in * sum(width_ratios) + 0.15
     foot_in = 0.35 if caption else 0.1
     height_in = header_in + rows * (tile_in + 0.3) + foot_in
-    fig = _figure(round(100 * width_in), round(100 * height_in))
+    fig = new_figure(round(100 * width_in), round(100 * height_in))
     grid = fig.add_gridspec(rows, len(width_ratios), width_ratios=width_ratios, left=label_in / width_in,
                             right=1 - 0.15 / width_in, top=1 - header_in / height_in, bottom=foot_in / height_in,
                             wspace=0.06, hspace=0.3 / tile_in)
@@ -157,4 +157,4 @@ def before_after(prompts: Sequence[str], seeds: Sequence[int], before: Sequence 
                                   labelpad=8)
     if caption:
         fig.text(0.01, 0.08 / height_in, caption, ha="left", va="bottom", fontsize=8, color="dimgray")
-    return _save(fig, path)
+    return save_png(fig, path)
