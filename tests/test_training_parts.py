@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,5 +106,57 @@ def test_trainer_build_reward_passes_batch_size_only_where_accepted(monkeypatch)
     registry.register_reward("const", _Const)
     registry.register_reward("const_nobs", _const_without_batch_size)
     for name in ("const", "const_nobs", "const_nobs=1.0"):
-        fake = SimpleNamespace(cfg=SimpleNamespace(reward=SimpleNamespace(name=name, batch_size=7)))
+        fake = SimpleNamespace(cfg=SimpleNamespace(reward=SimpleNamespace(name=name, batch_size=7)), device="cpu")
         assert Trainer._build_reward(fake).batch_size == 7, name
+
+
+def test_several_ranks_without_a_run_directory_are_refused(tmp_path, monkeypatch):
+    """Each rank would pick its own runs/<time>: a launched multi-rank run must name one directory."""
+    cfg = build_config(preset="toy")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(FastdenseError, match="2 ranks need one run directory: give --out"):
+        run_dir.resolve_run_dir(cfg, None, None)
+    assert run_dir.resolve_run_dir(cfg, tmp_path / "shared", None) == tmp_path / "shared"
+    cfg.run.out = str(tmp_path / "from-config")
+    assert run_dir.resolve_run_dir(cfg, None, None) == tmp_path / "from-config"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg.run.out = None
+    assert run_dir.resolve_run_dir(cfg, None, None).parent == Path("runs")
+    assert not (tmp_path / "runs").exists()  # resolving writes nothing
+
+
+DEVICE_REWARD = '''
+from fastdense.rewards import BaseReward
+
+
+class OnDevice(BaseReward):
+    name = "on_device"
+    made_on = []
+
+    def __init__(self, device="cpu", batch_size=8):
+        super().__init__(device, batch_size)
+        OnDevice.made_on.append(str(device))
+
+    def score_batch(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+'''
+
+
+def test_learned_rewards_are_built_on_the_training_device(grey_dir, tmp_path, monkeypatch):
+    """A reward whose factory takes ``device`` (ImageReward, HPSv2, ...) gets the run's device."""
+    import importlib
+    import sys
+
+    from fastdense.training.trainer import Trainer
+
+    (tmp_path / "fd_device_reward.py").write_text(DEVICE_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("fd_device_reward", None)
+    cfg = build_config(overrides=[
+        f"model.path={grey_dir}", "reward.name=fd_device_reward:OnDevice", "sampling.num_steps=2",
+        "sampling.rollouts_per_prompt=2", "objective.group_size=2", "data.prompts=[a cat]", "run.device=cpu",
+        "optim.zero_stage=0",
+    ])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    assert importlib.import_module("fd_device_reward").OnDevice.made_on == [str(trainer.device)] == ["cpu"]

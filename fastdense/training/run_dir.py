@@ -78,9 +78,21 @@ def resolve_run_dir(cfg: Config, out: str | Path | None, checkpoint: Path | None
         run_dir = Path(out) if out is not None else ckpt_mod.run_dir_of(checkpoint)
         check_run_dir(run_dir, resuming=True)
     else:
+        if out is None and not cfg.run.out and _launched_world_size() > 1:
+            # each rank would stamp its own runs/<time>: the ranks must be told one shared directory
+            raise FastdenseError(f"{_launched_world_size()} ranks need one run directory: give --out (or run.out) "
+                                 "on storage every rank can reach")
         run_dir = Path(out) if out is not None else (Path(cfg.run.out) if cfg.run.out else default_run_dir())
         check_run_dir(run_dir, resuming=False)
     return run_dir
+
+
+def _launched_world_size() -> int:
+    """WORLD_SIZE as a launcher (torchrun, deepspeed) sets it before the process group starts."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, *, resumed: bool, metrics_lines: int) -> None:

@@ -138,9 +138,11 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
         from fastdense.rewards import get_reward, reward_accepts
 
         name, bs = self.cfg.reward.name, self.cfg.reward.batch_size
+        # learned rewards (ImageReward, HPSv2, ...) score on the training device, not the CPU default
+        options = {"device": self.device} if reward_accepts(name, "device") else {}
         if reward_accepts(name, "batch_size"):
-            return get_reward(name, batch_size=bs)
-        reward = get_reward(name)
+            return get_reward(name, batch_size=bs, **options)
+        reward = get_reward(name, **options)
         if hasattr(reward, "batch_size"):
             reward.batch_size = bs
         return reward
