@@ -24,6 +24,8 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 from fastdense.cli import _signals
 from fastdense.cli import bench as bench_cmds
 from fastdense.cli import env as env_cmds
+from fastdense.cli import eval as eval_cmds
+from fastdense.cli import experiment as experiment_cmds
 from fastdense.cli import profile as profile_cmds
 from fastdense.cli import sample as sample_cmds
 from fastdense.cli import toy as toy_cmds
@@ -40,8 +42,12 @@ app = typer.Typer(
 app.command("env", help="Print versions, device and kernel dispatch, for bug reports.")(env_cmds.env)
 app.add_typer(bench_cmds.app, name="bench", help="Benchmarks: kernels, sampler, training step.")
 app.add_typer(profile_cmds.app, name="profile", help="torch.profiler traces of the hot paths.")
+app.add_typer(experiment_cmds.app, name="experiment", help="Experiments: dense reward vs trajectory-level.")
 app.add_typer(toy_cmds.app, name="toy", help="The toy world: pretrain and evaluate the shipped tiny model.")
 app.command("sample", help="Generate images (DDIM + CFG); PNGs, a grid, x̂0 trajectory pictures.")(sample_cmds.sample)
+app.command("eval", help="Base vs aligned LoRAs on seen/unseen prompts: rewards, win rates, CIs, pictures.")(
+    eval_cmds.eval
+)
 app.command("train", help="Dense-reward preference training on DeepSpeed (default: the toy job).")(train_cmds.train)
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)

@@ -3,7 +3,8 @@
 Writes one PNG per image (``PPP_II.png``: prompt PPP, image II), ``grid.png`` (a row
 per prompt) and ``samples.json`` (file, prompt, seed of each image) into ``--out``.
 With ``--trajectory`` also ``PPP_II_trajectory.png``: the decoded x̂0 prediction at
-the chosen steps, then the final image.
+the chosen steps, then the final image, columns headed ``step t`` / ``final``, small images
+scaled up (:func:`fastdense.pictures.trajectory_figure`).
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def sample(
 
     from fastdense.images import image_grid, to_pil
     from fastdense.models.loading import load_pipeline_parts
+    from fastdense.pictures import save_figure, trajectory_figure, wrap
     from fastdense.sampler import Sampler, decode
 
     console = Console(stderr=True)
@@ -190,7 +192,8 @@ def sample(
         if trajectory:
             x0 = traj.x0[k]  # [S, C, h, w]
             pics = torch.cat([decode(parts, x0), images[k : k + 1]])
-            image_grid(pics, 1, pics.shape[0], pad=2).save(out / f"{name}_trajectory.png")
+            title = f"{wrap(all_prompts[k], 40, 2)}\nseed {seed + k}: x̂0 at each step, then the image"
+            save_figure(trajectory_figure([list(pics)], traj_steps, title=title), out / f"{name}_trajectory.png")
             record["trajectory"] = f"{name}_trajectory.png"
             record["trajectory_steps"] = traj_steps
         records.append(record)

@@ -45,8 +45,10 @@ def test_sample_writes_images_grid_and_trajectories(tiny_dir, tmp_path, capsys):
     )
     assert Image.open(out / "000_01.png").size == (16, 16)
     assert Image.open(out / "grid.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
-    # 3 steps -> x̂0 at steps 0, 1, 2, then the final image
-    assert Image.open(out / "001_00_trajectory.png").size == (4 * 16 + 5 * 2, 16 + 2 * 2)
+    # 3 steps -> x̂0 at steps 0, 1, 2, then the final image: 16 px tiles scaled up to 128 px, with a
+    # header per column ("step t", "final") and a title above them (the raw strip was 74 x 20)
+    trajectory = Image.open(out / "001_00_trajectory.png")
+    assert trajectory.mode == "RGB" and trajectory.width > 4 * 128 and trajectory.height > 128 + 3 * 14
     meta = json.loads((out / "samples.json").read_text())
     assert [r["prompt"] for r in meta["images"]] == ["a red cat", "a red cat", "the dog", "the dog"]
     assert [r["seed"] for r in meta["images"]] == [11, 12, 13, 14]
