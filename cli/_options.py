@@ -7,6 +7,9 @@ torch and rich load inside the functions, so ``fastdense --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,3 +79,23 @@ def progress_bar(
         TextColumn(label), BarColumn(), MofNCompleteColumn(), *extra, TimeElapsedColumn(),
         console=console, transient=transient,
     )
+
+
+@contextlib.contextmanager
+def library_warnings(console: Console) -> Iterator[None]:
+    """The library's ``warning: ...`` lines (a truncated prompt) printed once each through the
+    console, so they land above the progress bar; not also through any root logging handler."""
+
+    class _ToConsole(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            console.print(record.getMessage(), markup=False, highlight=False, soft_wrap=True)
+
+    log = logging.getLogger("fastdense")
+    handler, propagate = _ToConsole(logging.WARNING), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fastdense.cli._options import check_out_dir, device_option, dtype_option, out_option
+from fastdense.cli._options import check_out_dir, device_option, dtype_option, library_warnings, out_option
 from fastdense.errors import FastdenseError
 
 if TYPE_CHECKING:
@@ -221,7 +221,6 @@ def _run(model: str, aligned: list[Contender], groups: PromptGroups, seeds: list
     from rich.console import Console
 
     from fastdense.cli._options import progress_bar
-    from fastdense.cli.sample import _library_warnings
     from fastdense.comparison import compare, previous_files, write_outputs
     from fastdense.models.loading import load_pipeline_parts
 
@@ -229,7 +228,7 @@ def _run(model: str, aligned: list[Contender], groups: PromptGroups, seeds: list
     parts = load_pipeline_parts(model, **load)
     pairs = sum(len(p) for p in groups.groups.values()) * len(seeds)
     total = (len(aligned) + 1) * pairs * compare_kw["num_steps"]
-    with _library_warnings(console), progress_bar("evaluating", console=console, transient=True) as bar:
+    with library_warnings(console), progress_bar("evaluating", console=console, transient=True) as bar:
         task = bar.add_task("evaluating", total=total)
         comparison = compare(parts, aligned, groups, seeds, rewards, progress=lambda n: bar.advance(task, n),
                              **compare_kw)

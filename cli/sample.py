@@ -9,9 +9,7 @@ scaled up (:func:`fastdense.pictures.trajectory_figure`).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +20,7 @@ from fastdense.cli._options import (
     check_out_dir,
     device_option,
     dtype_option,
+    library_warnings,
     out_option,
     parse_dtype,
     progress_bar,
@@ -77,26 +76,6 @@ def check_args(*, steps: int, guidance: float, num_images: int, eta: float, micr
         raise FastdenseError(f"--eta {eta} is not allowed; allowed: a finite number >= 0 (1 for training)")
     if micro_batch < 1:
         raise FastdenseError(f"--micro-batch {micro_batch} is not allowed; allowed: >= 1")
-
-
-@contextlib.contextmanager
-def _library_warnings(console):
-    """The library's ``warning: ...`` lines (a truncated prompt) printed once each through the
-    console, so they land above the progress bar; not also through any root logging handler."""
-
-    class _ToConsole(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            console.print(record.getMessage(), markup=False, highlight=False, soft_wrap=True)
-
-    log = logging.getLogger("fastdense")
-    handler, propagate = _ToConsole(logging.WARNING), log.propagate
-    log.addHandler(handler)
-    log.propagate = False
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-        log.propagate = propagate
 
 
 def sample(
@@ -168,7 +147,7 @@ def sample(
     all_prompts = [p for p in prompt_list for _ in range(num_images)]
     total = len(all_prompts)
     sampler = Sampler(parts, micro_batch=min(micro_batch, total), compile=compile, attention=attention)
-    with _library_warnings(console), progress_bar("sampling", console=console, transient=True) as bar:
+    with library_warnings(console), progress_bar("sampling", console=console, transient=True) as bar:
         task = bar.add_task("sampling", total=total * steps)
         traj = sampler.sample(
             all_prompts,
