@@ -18,7 +18,9 @@ statistics are :mod:`fastdense.stats`' (bootstrap intervals over the (prompt, se
     seeds           the noise seeds; sample (prompt, seed) is the same noise for every model
     prompts         {group: [prompt, ...]} for "seen" and/or "unseen" (groups without prompts left out)
     prompt_sources  {group: where the prompts came from}
-    settings        steps, guidance, eta, micro_batch, device, dtype, level, resamples, bootstrap_seed
+    settings        steps, guidance, eta, micro_batch, device, dtype, level, resamples, bootstrap_seed,
+                    ties ({reward: the score difference counted as a tie in win rates, the reward's
+                    tie_tolerance})
     scores          {label: {reward: {group: [[score per seed] per prompt]}}}: every image's reward
                     (null where not finite), prompts in the order of "prompts"
     results         {group: {reward: {"overall": {label: stats}, "per_prompt": [{"prompt", "models":
@@ -44,7 +46,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastdense.errors import FastdenseError
-from fastdense.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Estimate, mean_ci, paired_difference, win_rate
+from fastdense.stats import (
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    Estimate,
+    mean_ci,
+    paired_difference,
+    tie_tolerance,
+    win_rate,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -287,14 +297,16 @@ class Comparison:
 
 
 def _stats(scores: Mapping[str, np.ndarray], labels: Sequence[str], rows: Sequence[int], *, level: float,
-           resamples: int, seed: int) -> dict[str, ModelStats]:
-    """Per model, over the pairs of ``rows`` × every seed (base: ``labels[0]``)."""
+           resamples: int, seed: int, tie: float = 0.0) -> dict[str, ModelStats]:
+    """Per model, over the pairs of ``rows`` × every seed (base: ``labels[0]``); ``tie``: the
+    reward's tie tolerance for the win rate."""
     kw = dict(level=level, resamples=resamples, seed=seed)
     base = scores[labels[0]][rows].reshape(-1)
     out = {labels[0]: ModelStats(mean_ci(base, **kw))}
     for label in labels[1:]:
         mine = scores[label][rows].reshape(-1)
-        out[label] = ModelStats(mean_ci(mine, **kw), win_rate(mine, base, **kw), paired_difference(mine, base, **kw))
+        out[label] = ModelStats(mean_ci(mine, **kw), win_rate(mine, base, tie=tie, **kw),
+                                paired_difference(mine, base, **kw))
     return out
 
 
@@ -309,9 +321,10 @@ def summarise(comparison: Comparison, *, level: float = DEFAULT_LEVEL, resamples
         stats[group] = {}
         for reward in comparison.rewards:
             scores = {label: comparison.scores[label][reward] for label in labels}
+            tie = float(comparison.settings.get("ties", {}).get(reward, 0.0))
             stats[group][reward] = {
-                "overall": _stats(scores, labels, rows, **kw),
-                "per_prompt": [(prompts[i], _stats(scores, labels, [i], **kw)) for i in rows],
+                "overall": _stats(scores, labels, rows, tie=tie, **kw),
+                "per_prompt": [(prompts[i], _stats(scores, labels, [i], tie=tie, **kw)) for i in rows],
             }
     comparison.stats = stats
 
@@ -389,7 +402,8 @@ def compare(
         model=str(parts.model_path), contenders=contenders, groups=dict(groups.groups), sources=dict(groups.sources),
         seeds=seeds, rewards=list(rewards), scores={},
         settings={"steps": num_steps, "guidance": guidance, "eta": eta, "micro_batch": micro_batch,
-                  **(settings or {}), "level": level, "resamples": resamples, "bootstrap_seed": bootstrap_seed},
+                  **(settings or {}), "level": level, "resamples": resamples, "bootstrap_seed": bootstrap_seed,
+                  "ties": {name: tie_tolerance(reward) for name, reward in rewards.items()}},
         x0_steps=tuple(int(t) for t in trajectory_steps),
     )
     S = len(seeds)

@@ -161,7 +161,7 @@ def report(out: str | Path, gammas: Sequence[float], seeds: Sequence[int]) -> di
     arms: dict[float, dict[str, Any]] = {}
     rounds = None
     for g in gammas:
-        curves, before, after, seconds = [], [], [], []
+        curves, before, after, seconds, ties = [], [], [], [], []
         for s in seeds:
             run = out / f"gamma_{g:g}" / f"seed_{s}"
             cfg = json.loads((run / "config.json").read_text())
@@ -172,12 +172,15 @@ def report(out: str | Path, gammas: Sequence[float], seeds: Sequence[int]) -> di
             curves.append(_heldout_curve(run, rounds))
             before.append(_json_rewards(run / "eval_before.json"))
             after.append(_json_rewards(run / "eval_after.json"))
-            seconds.append(json.loads((run / "summary.json").read_text()).get("seconds"))
+            summary = json.loads((run / "summary.json").read_text())
+            seconds.append(summary.get("seconds"))
+            ties.append(float((summary.get("paired") or {}).get("tie", 0.0)))
         curves_a, before_a, after_a = np.array(curves), np.stack(before), np.stack(after)
         arms[g] = {
             "gamma": g, "curve": curves_a, "before": before_a, "after": after_a,
             "final": mean_ci(after_a), "base": mean_ci(before_a),
-            "win_rate_vs_base": win_rate(after_a, before_a),
+            "win_rate_vs_base": win_rate(after_a, before_a, tie=max(ties)),
+            "tie": max(ties),
             "per_seed_final": [float(np.nanmean(a)) for a in after_a],
             "seconds": seconds,
         }
@@ -191,7 +194,7 @@ def report(out: str | Path, gammas: Sequence[float], seeds: Sequence[int]) -> di
         comparisons.append({
             "arm": g, "against": reference,
             "difference": paired_difference(a["after"], b["after"]).to_dict(),
-            "win_rate": win_rate(a["after"], b["after"]).to_dict(),
+            "win_rate": win_rate(a["after"], b["after"], tie=max(a["tie"], b["tie"])).to_dict(),
             "per_seed_difference": per_seed,
             "seeds_where_arm_wins": int(sum(d > 0 for d in per_seed)),
         })
@@ -205,7 +208,7 @@ def report(out: str | Path, gammas: Sequence[float], seeds: Sequence[int]) -> di
                                   "std": _nan_list(_std(v["curve"]))},
             "final": v["final"].to_dict(), "base": v["base"].to_dict(),
             "win_rate_vs_base": v["win_rate_vs_base"].to_dict(), "per_seed_final": v["per_seed_final"],
-            "seconds": v["seconds"],
+            "seconds": v["seconds"], "tie": v["tie"],
         } for g, v in arms.items()],
         "comparisons": comparisons,
     }

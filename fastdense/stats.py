@@ -11,6 +11,7 @@ is reported (a pair is left out of a comparison when either of its scores is not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from fastdense.errors import FastdenseError
 
-__all__ = ["Estimate", "mean_ci", "paired_difference", "win_rate", "win_scores", "DEFAULT_RESAMPLES"]
+__all__ = ["Estimate", "mean_ci", "paired_difference", "tie_tolerance", "win_rate", "win_scores", "DEFAULT_RESAMPLES"]
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_LEVEL = 0.95
@@ -104,19 +105,27 @@ def _pairs(a, b, what: str) -> tuple[np.ndarray, np.ndarray, int]:
     return a[finite], b[finite], int((~finite).sum())
 
 
-def win_scores(aligned, base) -> np.ndarray:
-    """Per pair: 1 where ``aligned`` scores above ``base``, 0.5 on a tie, 0 below (finite pairs only)."""
+def _wins(a: np.ndarray, b: np.ndarray, tie: float) -> np.ndarray:
+    if not (math.isfinite(tie) and tie >= 0):
+        raise FastdenseError(f"tie tolerance {tie!r} is not allowed; it must be a number >= 0 (0 = exact ties only)")
+    diff = a - b
+    return np.where(np.abs(diff) <= tie, 0.5, np.where(diff > 0, 1.0, 0.0))
+
+
+def win_scores(aligned, base, *, tie: float = 0.0) -> np.ndarray:
+    """Per pair: 1 where ``aligned`` scores above ``base``, 0.5 on a tie (scores within ``tie`` of
+    each other), 0 below (finite pairs only)."""
     a, b, _ = _pairs(aligned, base, "win rate")
-    return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+    return _wins(a, b, tie)
 
 
-def win_rate(aligned, base, *, level: float = DEFAULT_LEVEL, resamples: int = DEFAULT_RESAMPLES,
-             seed: int = 0) -> Estimate:
-    """The fraction of (prompt, seed) pairs where ``aligned`` scores above ``base`` (ties count
-    half), with a bootstrap interval over the pairs. Both are flat in the same pair order."""
+def win_rate(aligned, base, *, tie: float = 0.0, level: float = DEFAULT_LEVEL,
+             resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Estimate:
+    """The fraction of (prompt, seed) pairs where ``aligned`` scores above ``base``, ties (scores
+    within ``tie``; a reward's :attr:`tie_tolerance`) counting half, with a bootstrap interval over
+    the pairs. Both are flat in the same pair order."""
     a, b, dropped = _pairs(aligned, base, "win rate")
-    wins = np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
-    return _bootstrap(wins, dropped, level=level, resamples=resamples, seed=seed)
+    return _bootstrap(_wins(a, b, tie), dropped, level=level, resamples=resamples, seed=seed)
 
 
 def paired_difference(after, before, *, level: float = DEFAULT_LEVEL, resamples: int = DEFAULT_RESAMPLES,
@@ -124,3 +133,12 @@ def paired_difference(after, before, *, level: float = DEFAULT_LEVEL, resamples:
     """Mean of ``after - before`` over the pairs, with a bootstrap interval over the pairs."""
     a, b, dropped = _pairs(after, before, "paired difference")
     return _bootstrap(a - b, dropped, level=level, resamples=resamples, seed=seed)
+
+
+def tie_tolerance(reward) -> float:
+    """The score difference below which a reward calls two images equal (its ``tie_tolerance``
+    attribute; a weighted sum: the weighted sum of its terms'; 0 when a reward has none)."""
+    terms = getattr(reward, "terms", None)
+    if terms is not None:
+        return float(sum(abs(w) * tie_tolerance(r) for r, w in terms))
+    return float(getattr(reward, "tie_tolerance", 0.0) or 0.0)

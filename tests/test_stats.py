@@ -70,3 +70,24 @@ def test_all_non_finite_gives_nan_and_counts_them():
 def test_bad_input_is_one_line(call, match):
     with pytest.raises(FastdenseError, match=match):
         call()
+
+
+def test_tie_tolerance_counts_near_equal_scores_as_ties():
+    aligned = [0.99995, 1.0, 0.5, 0.0]
+    base = [0.99990, 0.2, 0.495, 0.3]
+    assert win_scores(aligned, base).tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert win_scores(aligned, base, tie=0.01).tolist() == [0.5, 1.0, 0.5, 0.0]
+    assert win_rate(aligned, base, tie=0.01).value == pytest.approx(2.0 / 4)
+    with pytest.raises(FastdenseError, match="tie tolerance -1"):
+        win_rate(aligned, base, tie=-1)
+
+
+def test_a_rewards_tie_tolerance():
+    from fastdense.rewards import Brightness, WeightedSum
+    from fastdense.stats import tie_tolerance
+    from fastdense.toy.reward import ColorFidelity
+
+    assert tie_tolerance(Brightness()) == 0.0
+    assert tie_tolerance(ColorFidelity()) == 0.01
+    assert tie_tolerance(WeightedSum([(ColorFidelity(), 2.0), (Brightness(), 1.0)])) == pytest.approx(0.02)
+    assert tie_tolerance(lambda images, prompts: images.mean()) == 0.0  # a plain callable: exact ties

@@ -64,6 +64,8 @@ class BaseReward:
     """
 
     name: str = "reward"
+    # scores this close are the same outcome: win rates count such pairs as ties (fastdense.stats)
+    tie_tolerance: float = 0.0
     needs_pil: bool = False
 
     def __init__(self, device: torch.device | str = "cpu", batch_size: int = 32):

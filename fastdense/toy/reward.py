@@ -46,6 +46,10 @@ class ColorFidelity(BaseReward):
     background, a wrong background counts as off-colour foreground.
     """
 
+    # a success scores 1 - O(1e-4) and its exact value moves with pixel noise: differences
+    # below 0.01 are the same outcome (win rates count them as ties)
+    tie_tolerance = 0.01
+
     name = "color_fidelity"
 
     def __init__(

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fastdense.evaluate import Evaluation, evaluate
+from fastdense.stats import tie_tolerance
 from fastdense.training import plots
 from fastdense.training.tracking import from_json_float, json_value
 
@@ -35,17 +36,18 @@ EVAL_AFTER = "eval_after.json"  # the same for the after evaluation (same prompt
 ROUND_EVALS = "eval"  # eval/round_K.png: the held-out images after round K
 
 
-def paired_summary(before: list[list[float]], after: list[list[float]], seeds: list[int]) -> dict:
+def paired_summary(before: list[list[float]], after: list[list[float]], seeds: list[int], tie: float = 0.0) -> dict:
     """The paired before/after comparison of per-image rewards [prompt][seed] on the same prompts
-    and seeds: both means, the mean difference and the win rate, each with a 95 % interval."""
+    and seeds: both means, the mean difference and the win rate (scores within ``tie``: a tie),
+    each with a 95 % interval."""
     from fastdense.stats import mean_ci, paired_difference, win_rate
 
     b = torch.tensor(before, dtype=torch.float64).reshape(-1).numpy()
     a = torch.tensor(after, dtype=torch.float64).reshape(-1).numpy()
     return {
-        "prompts": len(before), "seeds": seeds, "samples": int(a.size),
+        "prompts": len(before), "seeds": seeds, "samples": int(a.size), "tie": tie,
         "before": mean_ci(b).to_dict(), "after": mean_ci(a).to_dict(),
-        "difference": paired_difference(a, b).to_dict(), "win_rate": win_rate(a, b).to_dict(),
+        "difference": paired_difference(a, b).to_dict(), "win_rate": win_rate(a, b, tie=tie).to_dict(),
     }
 
 
@@ -186,7 +188,8 @@ class OutputsMixin:
         (self.run_dir / EVAL_AFTER).write_text(json.dumps(record) + "\n")
         before_paired = self._load_paired_before()
         self.paired = None if before_paired is None else \
-            paired_summary(before_paired, self._paired_rewards(after, after_extra), record["paired_seeds"])
+            paired_summary(before_paired, self._paired_rewards(after, after_extra), record["paired_seeds"],
+                           tie=tie_tolerance(self.reward))
         summary = {
             "reward_before": self.state.reward_before, "reward_after": after.reward,
             "steps": self.state.step, "rounds": self.cfg.train.rounds,
