@@ -139,6 +139,18 @@ def _json_rewards(path: Path) -> np.ndarray:
     return np.array([[math.nan if v is None else v for v in row] for row in saved["paired_rewards"]], dtype=float)
 
 
+def _tie(summary: dict[str, Any], cfg: dict[str, Any]) -> float:
+    """The run's tie tolerance for win rates: from its summary, or (runs made before it was
+    recorded there) from its reward."""
+    paired = summary.get("paired") or {}
+    if "tie" in paired:
+        return float(paired["tie"])
+    from fastdense.rewards import get_reward
+    from fastdense.stats import tie_tolerance
+
+    return tie_tolerance(get_reward(cfg["reward"]["name"]))
+
+
 def _heldout_curve(run_dir: Path, rounds: int) -> list[float]:
     """Held-out reward before training (index 0) and after each round (1..rounds), from metrics.jsonl."""
     curve = [math.nan] * (rounds + 1)
@@ -174,7 +186,7 @@ def report(out: str | Path, gammas: Sequence[float], seeds: Sequence[int]) -> di
             after.append(_json_rewards(run / "eval_after.json"))
             summary = json.loads((run / "summary.json").read_text())
             seconds.append(summary.get("seconds"))
-            ties.append(float((summary.get("paired") or {}).get("tie", 0.0)))
+            ties.append(_tie(summary, cfg))
         curves_a, before_a, after_a = np.array(curves), np.stack(before), np.stack(after)
         arms[g] = {
             "gamma": g, "curve": curves_a, "before": before_a, "after": after_a,
