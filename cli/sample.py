@@ -137,7 +137,7 @@ def sample(
 
     from fastdense.images import image_grid, to_pil
     from fastdense.models.loading import load_pipeline_parts
-    from fastdense.pictures import save_figure, trajectory_figure, wrap
+    from fastdense.pictures import save_png, trajectory_figure, wrap
     from fastdense.sampler import Sampler, decode
 
     console = Console(stderr=True)
@@ -172,7 +172,7 @@ def sample(
             x0 = traj.x0[k]  # [S, C, h, w]
             pics = torch.cat([decode(parts, x0), images[k : k + 1]])
             title = f"{wrap(all_prompts[k], 40, 2)}\nseed {seed + k}: x̂0 at each step, then the image"
-            save_figure(trajectory_figure([list(pics)], traj_steps, title=title), out / f"{name}_trajectory.png")
+            save_png(trajectory_figure([list(pics)], traj_steps, title=title), out / f"{name}_trajectory.png")
             record["trajectory"] = f"{name}_trajectory.png"
             record["trajectory_steps"] = traj_steps
         records.append(record)

@@ -497,7 +497,7 @@ def _score_title(c: Comparison, label: str, p: int, s: int) -> str:
 
 
 def _write_grid(c: Comparison, group: str, path: Path) -> None:
-    from fastdense.pictures import grid_figure, save_figure, wrap
+    from fastdense.pictures import grid_figure, save_png, wrap
 
     S, prompts = len(c.seeds), c.prompts
     pairs = c.shown[group]
@@ -505,11 +505,11 @@ def _write_grid(c: Comparison, group: str, path: Path) -> None:
     titles = [[_score_title(c, label, p, s) for label in c.labels] for p, s in pairs]
     row_labels = [f"{wrap(prompts[p])}\nseed {c.seeds[s]}" for p, s in pairs]
     title = f"{group} prompts: reward per image"
-    save_figure(grid_figure(tiles, col_labels=c.labels, row_labels=row_labels, titles=titles, title=title), path)
+    save_png(grid_figure(tiles, col_labels=c.labels, row_labels=row_labels, titles=titles, title=title), path)
 
 
 def _write_trajectory(c: Comparison, group: str, pair: tuple[int, int], path: Path) -> None:
-    from fastdense.pictures import save_figure, trajectory_figure, wrap
+    from fastdense.pictures import save_png, trajectory_figure, wrap
 
     p, s = pair
     k = p * len(c.seeds) + s
@@ -517,7 +517,7 @@ def _write_trajectory(c: Comparison, group: str, pair: tuple[int, int], path: Pa
     row_labels = [f"{label}\n{c.rewards[0][:14]}: {float(c.scores[label][c.rewards[0]][p, s]):.3f}"
                   for label in c.labels]
     title = f"{wrap(c.prompts[p], 60, 2)}\nseed {c.seeds[s]} ({group}): x̂0 at each step, then the image"
-    save_figure(trajectory_figure(rows, c.x0_steps, row_labels=row_labels, title=title), path)
+    save_png(trajectory_figure(rows, c.x0_steps, row_labels=row_labels, title=title), path)
 
 
 def write_outputs(c: Comparison, out: str | Path) -> list[str]:

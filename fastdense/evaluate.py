@@ -50,20 +50,14 @@ def evaluate(
     decode_batch_size: int = 8,
 ) -> Evaluation:
     """Sample every prompt with every seed (DDIM ``num_steps``, CFG ``guidance``, ``eta``), decode
-    (the VAE in batches of ``decode_batch_size``) and score with ``reward``."""
-    from fastdense.sampler import decode
-
-    prompts, seeds = list(prompts), [int(s) for s in seeds]
-    if not prompts or not seeds:
-        raise FastdenseError(f"an evaluation needs at least one prompt and one seed, got {len(prompts)} prompt(s) "
-                             f"and {len(seeds)} seed(s)")
-    batch_prompts = [p for p in prompts for _ in seeds]
-    traj = sampler.sample(batch_prompts, num_steps=num_steps, guidance=guidance, eta=eta,
-                          seed=[s for _ in prompts for s in seeds])
-    images = decode(parts, traj.final_latents, batch_size=decode_batch_size)
-    scores = reward(images, batch_prompts).double()
+    (the VAE in batches of ``decode_batch_size``) and score with ``reward``: :func:`generate` with
+    one reward, keeping every image."""
+    total = len(prompts) * len(seeds)
+    out = generate(sampler, parts, {"reward": reward}, prompts, seeds, num_steps=num_steps, guidance=guidance,
+                   eta=eta, decode_batch_size=decode_batch_size, keep=range(total))
+    scores = out.scores["reward"]
     finite = scores[torch.isfinite(scores)]
-    return Evaluation(float(finite.mean()) if finite.numel() else float("nan"), images.cpu(), scores.cpu())
+    return Evaluation(float(finite.mean()) if finite.numel() else float("nan"), out.images, scores)
 
 
 class Generation(NamedTuple):
@@ -117,7 +111,7 @@ def generate(
     keep, x0_keep = _check_indices(keep, total, "keep"), _check_indices(x0_keep, total, "x0_keep")
     x0_steps = tuple(int(t) for t in x0_steps) if x0_keep else ()
     batch_prompts = [p for p in prompts for _ in seeds]
-    # record=False: the final latents only (two slots), as evaluate() samples them bit for bit
+    # record=False: the final latents only (two slots); the same arithmetic as a recorded chain, bit for bit
     traj = sampler.sample(batch_prompts, num_steps=num_steps, guidance=guidance, eta=eta,
                           seed=[s for _ in prompts for s in seeds], record_x0_steps=x0_steps,
                           progress=progress, record=False)

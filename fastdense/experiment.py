@@ -281,7 +281,7 @@ def _markdown(r: dict[str, Any]) -> str:
 def _curve_png(r: dict[str, Any], path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
-    from fastdense.training.plots import new_figure, save_png
+    from fastdense.pictures import new_figure, save_png
 
     fig = new_figure(720, 440)
     ax = fig.add_subplot()

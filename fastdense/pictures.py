@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
-__all__ = ["grid_figure", "save_figure", "tile_pixels", "trajectory_figure", "trajectory_labels", "wrap"]
+__all__ = ["grid_figure", "new_figure", "save_png", "tile_pixels", "trajectory_figure", "trajectory_labels", "wrap"]
 
 Tile = Union[Tensor, "Image.Image"]  # a [3, H, W] tensor in [0, 1] or a PIL image
 
@@ -76,11 +76,12 @@ def _width(texts: Sequence[str | None]) -> int:
     return max((len(line) for t in texts if t for line in t.splitlines()), default=0)
 
 
-def _figure(width_px: int, height_px: int) -> Figure:
+def new_figure(width_px: int, height_px: int, dpi: int = DPI) -> Figure:
+    """A matplotlib figure of that many pixels on its own Agg canvas (no display, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+    fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
@@ -95,7 +96,7 @@ def grid_figure(
 ) -> Figure:
     """``tiles[r][c]`` in a grid; ``col_labels`` (bold) head the columns, ``row_labels`` stand left of
     the rows, ``titles[r][c]`` above each tile, ``title`` above everything. Returns the figure
-    (:func:`save_figure` writes it); its texts can be read back with ``fig.texts`` / ``ax.get_title()``."""
+    (:func:`save_png` writes it); its texts can be read back with ``fig.texts`` / ``ax.get_title()``."""
     import numpy as np
 
     rows, cols = len(tiles), len(tiles[0]) if tiles else 0
@@ -116,7 +117,7 @@ def grid_figure(
     row_px = tile + title_px + _GAP_PX
     width_px = max(left_px + cols * (col_px + _GAP_PX), round(_width([title]) * _CHAR_PX) + 2 * _GAP_PX)
     height_px = _GAP_PX + header_px + rows * row_px
-    fig = _figure(width_px, height_px)
+    fig = new_figure(width_px, height_px)
     if title:
         fig.text(0.5, 1 - 4 / height_px, title, ha="center", va="top", fontsize=10)
     for c in range(cols):
@@ -157,7 +158,7 @@ def trajectory_figure(
     return grid_figure(rows, col_labels=labels, row_labels=row_labels, title=title)
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
+def save_png(fig: Figure, path: str | Path) -> Path:
     """Render on the Agg canvas and write an RGB PNG (matplotlib's own PNGs are RGBA)."""
     import numpy as np
     from PIL import Image

@@ -270,7 +270,7 @@ def test_prompt_groups_sources(tmp_path, pixel_dir):
 def test_trajectory_figure_is_labelled_and_scaled(tmp_path):
     from PIL import Image
 
-    from fastdense.pictures import save_figure, tile_pixels, trajectory_figure, trajectory_labels
+    from fastdense.pictures import save_png, tile_pixels, trajectory_figure, trajectory_labels
 
     assert trajectory_labels([0, 5, 19]) == ["step 0", "step 5", "step 19", "final"]
     assert tile_pixels(16, 16) == 128 and tile_pixels(4, 4) == 128 and tile_pixels(512, 512) == 256
@@ -279,7 +279,7 @@ def test_trajectory_figure_is_labelled_and_scaled(tmp_path):
     texts = [t.get_text() for t in fig.texts]
     assert texts[0] == "a red circle" and texts[1:] == ["step 0", "step 5", "step 19", "final"]
     assert [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()] == ["base", "aligned"]
-    image = Image.open(save_figure(fig, tmp_path / "t.png"))
+    image = Image.open(save_png(fig, tmp_path / "t.png"))
     assert image.mode == "RGB" and image.width > 4 * 128 and image.height > 2 * 128
     with pytest.raises(FastdenseError, match="needs 4 pictures"):
         trajectory_figure([tiles[0][:3]], [0, 5, 19])

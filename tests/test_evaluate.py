@@ -47,3 +47,19 @@ def test_evaluate_is_prompt_major_and_deterministic(pixel_dir):
     assert partly.reward == 1.0 and int(torch.isnan(partly.scores).sum()) == 3  # mean over the finite scores
     with pytest.raises(FastdenseError, match="at least one prompt and one seed"):
         evaluate(sampler, parts, Brightness(), prompts, [], **kwargs)
+
+
+@pytest.mark.parametrize("vae", [False, True])
+def test_evaluation_images_are_the_recorded_chains_final_images_bit_for_bit(pixel_dir, tiny_dir, vae):
+    """Evaluation samples without recording the chain (two latent slots); the images are those of
+    the recorded chain the trainer's rollouts use, to the bit (the run's held-out numbers rely on it)."""
+    parts = load_pipeline_parts(tiny_dir if vae else pixel_dir)
+    sampler = Sampler(parts, micro_batch=4, compile=False)
+    prompts, seeds = ["a cat", "a red dog"], [3, 5, 8]
+    kwargs = dict(num_steps=4, guidance=3.0, eta=1.0)
+    result = evaluate(sampler, parts, Brightness(), prompts, seeds, **kwargs)
+    recorded = sampler.sample([p for p in prompts for _ in seeds], seed=seeds * 2, **kwargs)
+    assert recorded.latents.shape[1] == 5  # the whole chain
+    images = decode(parts, recorded.final_latents)
+    assert torch.equal(result.images, images.cpu())
+    assert torch.equal(result.scores, Brightness()(images, [p for p in prompts for _ in seeds]).double())

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from fastdense.images import image_grid, to_pil  # noqa: F401  (to_pil: importable from here, as before)
+from fastdense.pictures import new_figure, save_png, wrap
 
 __all__ = ["before_after", "eval_grid", "grid_tiles", "new_figure", "reward_curve", "save_png", "to_pil"]
 
@@ -40,25 +40,6 @@ def grid_tiles(grid, rows: int, cols: int) -> list:
     """The tiles of a grid made by :func:`eval_grid` (row-major), read back exactly."""
     w, h = grid.width // cols, grid.height // rows
     return [grid.crop((c * w, r * h, (c + 1) * w, (r + 1) * h)) for r in range(rows) for c in range(cols)]
-
-
-def new_figure(width_px: int, height_px: int, dpi: int = 100):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_png(fig, path: str | Path) -> Path:
-    """Render on the Agg canvas and write an RGB PNG (matplotlib's own PNGs are RGBA)."""
-    import numpy as np
-    from PIL import Image
-
-    fig.canvas.draw()
-    Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]).save(path, format="PNG")
-    return Path(path)
 
 
 def _finite(v: Any) -> bool:
@@ -105,14 +86,6 @@ def reward_curve(history: Sequence[dict[str, Any]], before: float, after: float,
     return save_png(fig, path)
 
 
-def _wrap(prompt: str, width: int = 28, lines: int = 4) -> str:
-    wrapped = textwrap.wrap(prompt, width) or [""]
-    if len(wrapped) > lines:
-        wrapped = wrapped[:lines]
-        wrapped[-1] = wrapped[-1][: width - 1] + "…"
-    return "\n".join(wrapped)
-
-
 def before_after(prompts: Sequence[str], seeds: Sequence[int], before: Sequence | None,
                  before_scores: Sequence[float] | None, after: Sequence, after_scores: Sequence[float],
                  path: str | Path, before_mean: float | None = None, after_mean: float | None = None,
@@ -153,7 +126,7 @@ def before_after(prompts: Sequence[str], seeds: Sequence[int], before: Sequence 
                 text = f"{float(score):.3f}" if _finite(score) else ("n/a" if score is None else "not finite")
                 ax.set_title(f"seed {seeds[c]}: {text}", fontsize=8, pad=3)
                 if b == 0 and c == 0:
-                    ax.set_ylabel(_wrap(prompts[r]), rotation=0, ha="right", va="center", fontsize=9,
+                    ax.set_ylabel(wrap(prompts[r]), rotation=0, ha="right", va="center", fontsize=9,
                                   labelpad=8)
     if caption:
         fig.text(0.01, 0.08 / height_in, caption, ha="left", va="bottom", fontsize=8, color="dimgray")
