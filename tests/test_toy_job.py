@@ -42,6 +42,14 @@ def test_short_toy_job_improves_the_reward_on_fixed_seeds(tmp_path, capsys):
     train = [r for r in records if r["event"] == "train"]
     assert len(train) == 20 and all(r["applied"] for r in train)
     assert summary["reward_after"] >= summary["reward_before"] + 0.1, summary
+    # the preset's evaluations: after round 1 of 2, and the paired comparison on 4 prompts x
+    # (16 eval seeds + the preset's 44 more), whose interval excludes no change
+    assert [r["round"] for r in records if r["event"] == "eval" and r["tag"] == "round"] == [0]
+    assert (out / "eval" / "round_1.png").is_file()
+    paired = summary["paired"]
+    assert paired["samples"] == 4 * 60 and paired["seeds"] == list(range(1000, 1060))
+    assert paired["difference"]["low"] > 0, paired
+    assert "paired on 240 held-out samples" in capsys.readouterr().out
 
     # the saved LoRA scores through `fastdense toy eval --lora` (held-out prompts, any seeds)
     capsys.readouterr()
