@@ -329,6 +329,11 @@ def summarise(comparison: Comparison, *, level: float = DEFAULT_LEVEL, resamples
     comparison.stats = stats
 
 
+def _ties(settings: Mapping[str, Any]) -> str:
+    ties = settings.get("ties", {})
+    return ", ".join(f"`{r}` {t:g}" for r, t in ties.items()) or "exact ties only"
+
+
 def _shown_pairs(rows: Sequence[int], num_seeds: int, count: int) -> list[tuple[int, int]]:
     """The first ``count`` (prompt, seed) pairs, seed-major, so the rows shown cover many prompts."""
     pairs = [(p, s) for s in range(num_seeds) for p in rows]
@@ -464,8 +469,9 @@ def markdown(c: Comparison) -> str:
              + (f"–{c.seeds[-1]}" if len(c.seeds) > 1 else "") + f" ({len(c.seeds)} per prompt); "
              f"rewards: {', '.join(f'`{r}`' for r in c.rewards)}.", "",
              f"Mean ± std over the (prompt, seed) pairs [{level}% bootstrap CI]. Win rate: the fraction of pairs "
-             f"(same prompt, same seed) where the aligned model scores above the base (ties count half) "
-             f"[{level}% CI]; Δ: the mean paired difference aligned − base [{level}% CI].", ""]
+             f"(same prompt, same seed) where the aligned model scores above the base (ties count half; a tie: "
+             f"scores within the reward's tie tolerance, {_ties(s)}) [{level}% CI]; Δ: the mean paired difference "
+             f"aligned − base [{level}% CI].", ""]
     for g in c.groups:
         lines.append(f"- {g}: {len(c.groups[g])} prompts, from {c.sources[g]}")
     lines += ["", "## Overall", ""]
