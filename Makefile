@@ -97,7 +97,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# The venv's own pytest (never `python -m pytest`, which puts the checkout root on sys.path).
+# The venv's own pytest script: never pytest through `python -m`, which puts the checkout root on sys.path.
 # pytest exit code 5 means "no tests collected" (e.g. a -k filter matching nothing): say so, do not fail.
 test: setup lint
 	$(BIN)/pytest -q $(PYTEST_ARGS); rc=$$?; \

@@ -50,6 +50,23 @@ def grey_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def run_cli(capsys):
+    """The fastdense CLI in this process: ``run_cli(argv) -> (exit code, stdout, stderr)``."""
+    from fastdense.cli.main import main
+
+    def run(argv) -> tuple[int, str, str]:
+        code = 0
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

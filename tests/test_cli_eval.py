@@ -10,18 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdense.cli.main import main
 from fastdense.stats import win_rate
-
-
-def _run(argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def make_lora(model_dir, out):
@@ -67,14 +56,14 @@ def run_dir(pixel_dir, tmp_path_factory):
     return run
 
 
-def test_eval_from_a_run_directory(pixel_dir, run_dir, tmp_path, capsys):
+def test_eval_from_a_run_directory(pixel_dir, run_dir, tmp_path, run_cli):
     """Model, prompts (seen: trained on; unseen: evaluated, not trained on), reward and sampling settings
     all come from the run's config.json; the numbers in eval.json agree with its per-image scores."""
     out = tmp_path / "eval"
-    code, stdout, err = _run(["eval", "--lora", run_dir, "--seeds", 3, "--first-seed", 5, "--max-seen", 2,
+    code, stdout, err = run_cli(["eval", "--lora", run_dir, "--seeds", 3, "--first-seed", 5, "--max-seen", 2,
                               "--max-unseen", 2,
                               "--device", "cpu", "--micro-batch", 4, "--grid-rows", 3, "--trajectories", 1,
-                              "--out", out], capsys)
+                              "--out", out])
     assert code == 0, err
     record = json.loads((out / "eval.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == sorted(record["files"])
@@ -110,7 +99,7 @@ def test_eval_from_a_run_directory(pixel_dir, run_dir, tmp_path, capsys):
     assert "unseen brightness run-7: mean" in stdout and "win rate" in stdout
 
 
-def test_eval_with_prompt_files_labels_and_overwrite(pixel_dir, run_dir, tmp_path, capsys):
+def test_eval_with_prompt_files_labels_and_overwrite(pixel_dir, run_dir, tmp_path, run_cli):
     seen, unseen = tmp_path / "seen.txt", tmp_path / "unseen.txt"
     seen.write_text("a cat\n")
     unseen.write_text("a bird\na fish\n")
@@ -119,7 +108,7 @@ def test_eval_with_prompt_files_labels_and_overwrite(pixel_dir, run_dir, tmp_pat
             "--label", "B", "--seen-prompts-file", seen, "--prompts-file", unseen, "--reward", "brightness",
             "--reward", "aesthetic_proxy=2", "--seeds", 2, "--steps", 2, "--guidance", 1, "--device", "cpu",
             "--out", out]
-    code, _, err = _run(base + ["--trajectory-steps", "0,1"], capsys)
+    code, _, err = run_cli(base + ["--trajectory-steps", "0,1"])
     assert code == 0, err
     record = json.loads((out / "eval.json").read_text())
     assert [m["label"] for m in record["models"]] == ["base", "A", "B"]
@@ -134,24 +123,24 @@ def test_eval_with_prompt_files_labels_and_overwrite(pixel_dir, run_dir, tmp_pat
     assert trajectory.width > 3 * 128 and trajectory.height > 3 * 128  # 2 steps + final, 3 models, scaled up
 
     # a second evaluation needs --overwrite, and then leaves none of the first one's pictures behind
-    code, _, err = _run(base, capsys)
+    code, _, err = run_cli(base)
     assert code == 2 and "is not empty" in err and "--overwrite" in err
     (out / "notes.txt").write_text("mine")
-    code, _, err = _run(base + ["--trajectories", 0, "--overwrite"], capsys)
+    code, _, err = run_cli(base + ["--trajectories", 0, "--overwrite"])
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.md", "grid_seen.png", "grid_unseen.png",
                                                      "notes.txt"]
 
 
-def test_default_model_is_the_toy_model(tmp_path, capsys):
+def test_default_model_is_the_toy_model(tmp_path, run_cli):
     """Without --model and runs: the shipped toy model, its training captions (seen) and held-out
     prompts (unseen), its colour reward and sampling defaults."""
     from fastdense.toy import DEFAULT_GUIDANCE, shipped_model_dir
     from fastdense.toy.world import HELDOUT_PROMPTS, train_prompts
 
     out = tmp_path / "o"
-    code, _, err = _run(["eval", "--max-seen", 1, "--max-unseen", 1, "--seeds", 1, "--steps", 2, "--trajectories", 0,
-                         "--out", out], capsys)
+    code, _, err = run_cli(["eval", "--max-seen", 1, "--max-unseen", 1, "--seeds", 1, "--steps", 2, "--trajectories", 0,
+                         "--out", out])
     assert code == 0, err
     record = json.loads((out / "eval.json").read_text())
     assert record["model"] == str(shipped_model_dir()) and record["rewards"] == ["color_fidelity"]
@@ -182,7 +171,7 @@ def test_default_model_is_the_toy_model(tmp_path, capsys):
         (["--device", "tpu"], "--device"),
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(pixel_dir, tmp_path, capsys, args, match):
+def test_bad_input_is_one_line_and_writes_nothing(pixel_dir, tmp_path, run_cli, args, match):
     (tmp_path / "empty").mkdir()
     subs = {"{missing}": str(tmp_path / "missing"), "{empty}": str(tmp_path / "empty")}
     args = [subs.get(a, a) for a in args]
@@ -192,7 +181,7 @@ def test_bad_input_is_one_line_and_writes_nothing(pixel_dir, tmp_path, capsys, a
     base = ["eval", "--model", pixel_dir, "--steps", "2", "--device", "cpu", "--out", tmp_path / "o"]
     if "--prompts-file" not in args:
         base += ["--prompts-file", unseen]
-    code, _, err = _run(base + args, capsys)
+    code, _, err = run_cli(base + args)
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], err

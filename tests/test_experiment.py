@@ -10,18 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from fastdense.cli.main import main
 from fastdense.stats import paired_difference, win_rate
-
-
-def _run(argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _tiny(model) -> list[str]:
@@ -36,11 +25,11 @@ def _tiny(model) -> list[str]:
 
 
 @pytest.mark.slow
-def test_dense_vs_trajectory_runs_both_arms_and_reports(grey_dir, tmp_path, capsys, monkeypatch):
+def test_dense_vs_trajectory_runs_both_arms_and_reports(grey_dir, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "exp"
-    code, stdout, err = _run(["experiment", "dense-vs-trajectory", "--out", str(out), "--seeds", "1", "--rounds", "2",
-                              "--paired-seeds", "2", "--gamma", "0.5", "--gamma", "1.0", *_tiny(grey_dir)], capsys)
+    code, stdout, err = run_cli(["experiment", "dense-vs-trajectory", "--out", out, "--seeds", 1, "--rounds", 2,
+                                 "--paired-seeds", 2, "--gamma", 0.5, "--gamma", 1.0, *_tiny(grey_dir)])
     assert code == 0, err
     assert "| γ = 0.5 | γ = 1 |" in stdout and "wrote" in stdout
     for name in ("experiment.md", "experiment.json", "heldout_curve.png"):
@@ -73,8 +62,8 @@ def test_dense_vs_trajectory_runs_both_arms_and_reports(grey_dir, tmp_path, caps
 
     # the report alone, again from the runs: the same numbers
     (out / "experiment.json").unlink()
-    code, _, err = _run(["experiment", "dense-vs-trajectory", "--out", str(out), "--seeds", "1", "--gamma", "0.5",
-                         "--gamma", "1.0", "--report-only"], capsys)
+    code, _, err = run_cli(["experiment", "dense-vs-trajectory", "--out", str(out), "--seeds", "1", "--gamma", "0.5",
+                         "--gamma", "1.0", "--report-only"])
     assert code == 0, err
     assert json.loads((out / "experiment.json").read_text()) == report
 
@@ -87,17 +76,17 @@ def test_dense_vs_trajectory_runs_both_arms_and_reports(grey_dir, tmp_path, caps
     (["--set", "objective.beta=-1"], "objective.beta"),
     (["--preset", "nope"], "nope"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, run_cli, args, message):
     out = tmp_path / "exp"
-    code, _, err = _run(["experiment", "dense-vs-trajectory", "--out", str(out), *args], capsys)
+    code, _, err = run_cli(["experiment", "dense-vs-trajectory", "--out", str(out), *args])
     assert code == 2
     assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
-def test_existing_out_is_refused(tmp_path, capsys):
+def test_existing_out_is_refused(tmp_path, run_cli):
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "keep.txt").write_text("mine")
-    code, _, err = _run(["experiment", "dense-vs-trajectory", "--out", str(tmp_path / "exp")], capsys)
+    code, _, err = run_cli(["experiment", "dense-vs-trajectory", "--out", str(tmp_path / "exp")])
     assert code == 2 and "not an empty directory" in err
     assert (tmp_path / "exp" / "keep.txt").read_text() == "mine"
