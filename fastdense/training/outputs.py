@@ -20,7 +20,9 @@ per-sample generators), so a sample is the same whichever set it is drawn in:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +31,22 @@ from fastdense.stats import tie_tolerance
 from fastdense.training import plots
 from fastdense.training.tracking import from_json_float, json_value
 
-__all__ = ["EVAL_AFTER", "EVAL_BEFORE", "Evaluation", "OutputsMixin", "paired_summary"]
+__all__ = ["EVAL_AFTER", "EVAL_BEFORE", "Evaluation", "OutputsMixin", "TrainResult", "paired_summary"]
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    reward_before: float
+    reward_after: float
+    steps: int
+    rounds: int
+    skipped_updates: int
+    output: Path | None
+    metrics: Path
+    # the paired before/after comparison (fastdense.training.outputs.paired_summary); None when
+    # the before evaluation's rewards are not in the run directory (rank > 0 has none either)
+    paired: dict[str, Any] | None = None
+
 
 EVAL_BEFORE = "eval_before.json"  # the before evaluation's prompts, seeds and per-image rewards
 EVAL_AFTER = "eval_after.json"  # the same for the after evaluation (same prompts and seeds)

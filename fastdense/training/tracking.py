@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS_FILE", "MetricsWriter", "from_json_float", "json_float", "json_value"]
+__all__ = ["METRICS_FILE", "MetricsWriter", "from_json_float", "json_float", "json_value", "progress_bar"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -76,3 +76,20 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def progress_bar(console, enabled: bool):
+    """The training progress bar (rank 0): round, updates done, loss, reward, elapsed time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("reward {task.fields[reward]:.4f}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )

@@ -21,7 +21,6 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,28 +36,13 @@ from fastdense.training.checkpointing import CheckpointMixin, TrainState
 from fastdense.training.distributed import _all_reduce, init_distributed
 from fastdense.training.engine import LRFactor, deepspeed_config
 from fastdense.training.interrupt import StopRequest, TrainingInterrupted
-from fastdense.training.outputs import Evaluation, OutputsMixin
-from fastdense.training.tracking import MetricsWriter
+from fastdense.training.outputs import Evaluation, OutputsMixin, TrainResult
+from fastdense.training.tracking import MetricsWriter, progress_bar
 from fastdense.training.update import UpdateMixin
 
 __all__ = ["LATENT_DTYPES", "Evaluation", "StepCallback", "TrainResult", "Trainer", "train"]
 
 LATENT_DTYPES = DTYPES  # sampling.latent_dtype names → torch dtypes: the one table in fastdense.devices
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    reward_before: float
-    reward_after: float
-    steps: int
-    rounds: int
-    skipped_updates: int
-    output: Path | None
-    metrics: Path
-    # the paired before/after comparison (fastdense.training.outputs.paired_summary); None when
-    # the before evaluation's rewards are not in the run directory (rank > 0 has none either)
-    paired: dict[str, Any] | None = None
 
 
 StepCallback = Callable[["Trainer", dict[str, Any]], None]
@@ -325,7 +309,7 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
             if main:
                 self._save_eval_before(before, before_extra)
             self._log({"event": "eval", "tag": "before", "step": self.state.step, "reward": before.reward})
-        bar = _progress_bar(self.console, enabled=self.show_progress and main)
+        bar = progress_bar(self.console, enabled=self.show_progress and main)
         with bar:
             task = bar.add_task("train", total=self.total_steps, completed=self.state.step, loss=float("nan"),
                                 reward=self.state.round_reward_mean)
@@ -402,20 +386,3 @@ def _mix(*values: int) -> int:
         h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
-
-
-def _progress_bar(console, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("reward {task.fields[reward]:.4f}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
-
