@@ -145,7 +145,6 @@ class OnDevice(BaseReward):
 
 def test_learned_rewards_are_built_on_the_training_device(grey_dir, tmp_path, monkeypatch):
     """A reward whose factory takes ``device`` (ImageReward, HPSv2, ...) gets the run's device."""
-    import importlib
     import sys
 
     from fastdense.training.trainer import Trainer
@@ -159,4 +158,4 @@ def test_learned_rewards_are_built_on_the_training_device(grey_dir, tmp_path, mo
         "optim.zero_stage=0",
     ])
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
-    assert importlib.import_module("fd_device_reward").OnDevice.made_on == [str(trainer.device)] == ["cpu"]
+    assert sys.modules["fd_device_reward"].OnDevice.made_on == [str(trainer.device)] == ["cpu"]
