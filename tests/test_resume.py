@@ -36,6 +36,7 @@ SCRIPT = textwrap.dedent(
         "train.groups_per_step=2", "train.grad_accum=2", "optim.lr=0.01", "optim.zero_stage=2",
         "optim.lr_schedule=cosine", "optim.lr_warmup_steps=1", "run.checkpoint_every=2", "run.keep_last=1",
         "data.prompts=[a red cat, the dog, a cat, red dog]", "data.eval_prompts=[a red cat]", "data.eval_seeds=[1,2]",
+        "eval.every_rounds=1", "eval.paired_seeds=2",  # killed right after round 0's held-out evaluation
     ])
 
 
@@ -98,8 +99,13 @@ def test_sigkill_between_checkpoints_then_resume_is_bitwise_identical(grey_dir, 
     b = load_file(str(cut / "lora" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
-    # the whole history too: same losses, logits, grad norms, rewards; step 3 logged once
+    # the whole history too: same losses, logits, grad norms, rewards, held-out evaluations; step 3
+    # and round 0's evaluation logged once
     assert _records(full) == _records(cut)
+    assert [r["round"] for r in _records(cut) if r["event"] == "eval" and r["tag"] == "round"] == [0]
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (full, cut)]
+    assert summaries[0]["paired"] == summaries[1]["paired"] and summaries[0]["paired"]["samples"] == 4
+    assert (cut / "eval" / "round_1.png").is_file()
     # keep_last=1, but the checkpoint resumed from is never deleted
     assert [s for s, _ in ckpt.find_checkpoints(full)] == [6]
     assert [s for s, _ in ckpt.find_checkpoints(cut)] == [2, 6]
