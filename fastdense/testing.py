@@ -30,6 +30,7 @@ __all__ = [
     "TINY_MAX_LENGTH",
     "build_tiny_pipeline",
     "clip_bpe",
+    "random_lora",
     "tiny_vocab_and_merges",
     "write_bpe_files",
     "write_clip_tokenizer",
@@ -258,3 +259,21 @@ def build_tiny_pipeline(
 
     write_model_index(root, with_vae=vae is not None)
     return root
+
+
+def random_lora(model_dir: str | Path, out: str | Path, *, seed: int = 0, rank: int = 4,
+                targets: Sequence[str] = ("to_q", "to_v", "conv_out")) -> Path:
+    """A LoRA for the UNet of ``model_dir`` whose B matrices are random (peft starts them at zero),
+    so the adapted model differs from the base; saved to ``out`` in diffusers format."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from fastdense.lora import save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(str(Path(model_dir) / "unet"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=list(targets)))
+    save_lora(unet, out)
+    return Path(out)

@@ -32,6 +32,15 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pixel_dir(tmp_path_factory):
+    """A tiny pixel-space RGB model (4×4 images): fast, and its samples depend on prompt and seed."""
+    from fastdense.testing import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pixel") / "model", with_vae=False, in_channels=3,
+                               sample_size=4)
+
+
+@pytest.fixture(scope="session")
 def grey_dir(tmp_path_factory):
     """A tiny pixel-space v-prediction model (1 channel, 4x4) whose output layer starts at zero:
     v̂ = 0 makes samples mid-grey noise (no saturation), so brightness is a smooth reward the

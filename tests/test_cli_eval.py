@@ -7,35 +7,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fastdense.stats import win_rate
-
-
-def make_lora(model_dir, out):
-    """A LoRA with random B matrices (peft starts them at zero), so the aligned model differs."""
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    from fastdense.lora import save_lora
-
-    unet = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                    target_modules=["to_q", "to_v", "conv_out"]))
-    save_lora(unet, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def pixel_dir(tmp_path_factory):
-    """A tiny pixel-space RGB model (4×4 images)."""
-    from fastdense.testing import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("pixel") / "model", with_vae=False, in_channels=3,
-                               sample_size=4)
+from fastdense.testing import random_lora
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +27,7 @@ def run_dir(pixel_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "run-7"
     run.mkdir()
     (run / "config.json").write_text(cfg.to_json())
-    make_lora(pixel_dir, run / "lora")
+    random_lora(pixel_dir, run / "lora")
     return run
 
 

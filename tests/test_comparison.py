@@ -25,24 +25,9 @@ from fastdense.models.loading import has_adapters, load_pipeline_parts
 from fastdense.rewards import AestheticProxy, Brightness
 from fastdense.sampler import Sampler
 from fastdense.stats import mean_ci, paired_difference, win_rate
+from fastdense.testing import random_lora
 
 KW = dict(num_steps=2, guidance=2.0, eta=1.0)
-
-
-def make_lora(model_dir, out, seed: int = 0):
-    """A LoRA whose B matrices are random (not peft's zeros), so the aligned model differs."""
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    from fastdense.lora import save_lora
-
-    unet = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                    target_modules=["to_q", "to_v", "conv_out"]))
-    save_lora(unet, out)
-    return out
 
 
 def make_run(run_dir, model_dir, *, prompts, eval_prompts, reward="brightness", steps=2, guidance=2.0):
@@ -57,22 +42,13 @@ def make_run(run_dir, model_dir, *, prompts, eval_prompts, reward="brightness", 
     validate(cfg)
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(cfg.to_json())
-    make_lora(model_dir, run_dir / "lora")
+    random_lora(model_dir, run_dir / "lora")
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def pixel_dir(tmp_path_factory):
-    """A tiny pixel-space RGB model (4×4 images): fast, and its samples depend on prompt and seed."""
-    from fastdense.testing import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("pixel") / "model", with_vae=False, in_channels=3,
-                               sample_size=4)
-
-
-@pytest.fixture(scope="module")
 def lora_dir(pixel_dir, tmp_path_factory):
-    return make_lora(pixel_dir, tmp_path_factory.mktemp("lora") / "lora")
+    return random_lora(pixel_dir, tmp_path_factory.mktemp("lora") / "lora")
 
 
 GROUPS = PromptGroups({"seen": ["a cat", "the dog"], "unseen": ["a red cat", "a blue dog", "a bird"]},

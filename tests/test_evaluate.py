@@ -12,7 +12,6 @@ from fastdense.evaluate import Evaluation, evaluate
 from fastdense.models.loading import load_pipeline_parts
 from fastdense.rewards import BaseReward, Brightness
 from fastdense.sampler import Sampler, decode
-from fastdense.testing import build_tiny_pipeline
 
 
 class _NanForCats(BaseReward):
@@ -20,13 +19,6 @@ class _NanForCats(BaseReward):
 
     def score_batch(self, images, prompts):
         return torch.tensor([math.nan if "cat" in p else 1.0 for p in prompts])
-
-
-@pytest.fixture(scope="module")
-def pixel_dir(tmp_path_factory):
-    """A tiny pixel-space RGB model: its samples depend on the prompt and the seed."""
-    return build_tiny_pipeline(tmp_path_factory.mktemp("pixel") / "model", with_vae=False, in_channels=3,
-                               sample_size=4)
 
 
 def test_evaluate_is_prompt_major_and_deterministic(pixel_dir):
