@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastdense.evaluate import Evaluation, evaluate
@@ -59,8 +60,8 @@ def paired_summary(before: list[list[float]], after: list[list[float]], seeds: l
     each with a 95 % interval."""
     from fastdense.stats import mean_ci, paired_difference, win_rate
 
-    b = torch.tensor(before, dtype=torch.float64).reshape(-1).numpy()
-    a = torch.tensor(after, dtype=torch.float64).reshape(-1).numpy()
+    b = np.asarray(before, dtype=np.float64).reshape(-1)
+    a = np.asarray(after, dtype=np.float64).reshape(-1)
     return {
         "prompts": len(before), "seeds": seeds, "samples": int(a.size), "tie": tie,
         "before": mean_ci(b).to_dict(), "after": mean_ci(a).to_dict(),
@@ -71,10 +72,12 @@ def paired_summary(before: list[list[float]], after: list[list[float]], seeds: l
 class OutputsMixin:
     """Evaluation and outputs; part of :class:`fastdense.training.trainer.Trainer`."""
 
-    def evaluate(self) -> Evaluation:
-        """The policy on eval prompts × eval seeds: mean reward, images [P·S, 3, H, W], per-image rewards."""
+    def evaluate(self, seeds: list[int] | None = None) -> Evaluation:
+        """The policy on eval prompts × ``seeds`` (default data.eval_seeds): mean reward, images
+        [P·S, 3, H, W], per-image rewards."""
         cfg = self.cfg
-        return evaluate(self.sampler, self.parts, self.reward, self.eval_prompts, cfg.data.eval_seeds,
+        seeds = cfg.data.eval_seeds if seeds is None else seeds
+        return evaluate(self.sampler, self.parts, self.reward, self.eval_prompts, seeds,
                         num_steps=cfg.sampling.num_steps, guidance=cfg.sampling.guidance, eta=cfg.sampling.eta,
                         decode_batch_size=cfg.reward.batch_size)
 
@@ -86,12 +89,7 @@ class OutputsMixin:
     def evaluate_extra(self) -> Evaluation | None:
         """The policy on eval prompts × the paired comparison's extra seeds (None: no extra seeds)."""
         seeds = self.paired_extra_seeds()
-        if not seeds:
-            return None
-        cfg = self.cfg
-        return evaluate(self.sampler, self.parts, self.reward, self.eval_prompts, seeds,
-                        num_steps=cfg.sampling.num_steps, guidance=cfg.sampling.guidance, eta=cfg.sampling.eta,
-                        decode_batch_size=cfg.reward.batch_size)
+        return self.evaluate(seeds) if seeds else None
 
     def _paired_rewards(self, held_out: Evaluation, extra: Evaluation | None) -> list[list[float]]:
         """Per-image rewards [prompt][seed] over data.eval_seeds + the extra seeds."""
