@@ -7,7 +7,12 @@ reachable. Component classes come from ``model_index.json``; classes outside
 diffusers / transformers (custom code) load only with ``trust_remote_code=True``.
 A missing or malformed directory is a one-line ``FastdenseError`` naming the part.
 
-``lora=DIR`` puts a LoRA adapter onto the UNet with :func:`fastdense.lora.load_lora`
+The pipeline class (``model_index.json``'s ``_class_name``) names the model family
+(:mod:`fastdense.models.families`: SD 1.x/2.x, SDXL, SD3, FLUX); an unknown class is a one-line
+error listing the supported ones, and each family's own components are loaded (second and third
+text encoders, a transformer instead of a UNet).
+
+``lora=DIR`` puts a LoRA adapter onto the denoiser with :func:`fastdense.lora.load_lora`
 (``load_lora``, ``has_adapters`` and ``adapters_disabled`` are re-exported here).
 """
 
@@ -28,7 +33,7 @@ from fastdense.lora import LORA_WEIGHT_NAMES, adapters_disabled, has_adapters, l
 if TYPE_CHECKING:
     import torch
 
-REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")  # of the SD family (see families.py)
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = [
@@ -37,9 +42,14 @@ _HUB_PATTERNS = [
     "*/*_config.json",
     "scheduler/*.json",
     "tokenizer/*",
-    "unet/diffusion_pytorch_model.safetensors",
+    "tokenizer_2/*",
+    "tokenizer_3/*",
+    "unet/diffusion_pytorch_model*.safetensors*",
+    "transformer/diffusion_pytorch_model*.safetensors*",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
+    "text_encoder_2/model*.safetensors*",
+    "text_encoder_3/model*.safetensors*",
 ]
 
 
@@ -47,10 +57,13 @@ _HUB_PATTERNS = [
 class PipelineParts:
     """What the sampler, trainer and evaluator need from a text-to-image pipeline.
 
-    ``vae`` is None for pixel-space models (the decoder is the identity and
+    ``unet`` is the denoiser whatever the family (a UNet, or SD3's / FLUX's transformer; also
+    :attr:`denoiser`). ``vae`` is None for pixel-space models (the decoder is the identity and
     ``vae_scale_factor`` is 1). ``scheduler_config`` is the scheduler's config dict
     as saved (any scheduler class); ``make_scheduler()`` gives the DDIM scheduler
-    that fastdense samples with, built from it.
+    that fastdense samples SD-family models with, built from it. ``family`` names the model
+    family (:mod:`fastdense.models.families`); ``extra`` holds its other components by their
+    ``model_index.json`` names (``tokenizer_2``, ``text_encoder_2``, ...; None when absent).
     """
 
     tokenizer: Any
@@ -65,6 +78,13 @@ class PipelineParts:
     dtype: Any = None
     device: Any = None
     lora_paths: list[Path] = field(default_factory=list)
+    family: str = "sd"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def denoiser(self) -> Any:
+        """The model that is denoised through (``unet``: a UNet or a transformer)."""
+        return self.unet
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -139,27 +159,30 @@ def _component_entry(index: dict[str, Any], name: str, root: Path) -> tuple[str,
 def _config_file(root: Path, name: str) -> Path:
     if name == "scheduler":
         return root / name / "scheduler_config.json"
-    if name == "tokenizer":
+    if name.startswith("tokenizer"):
         return root / name / "tokenizer_config.json"
     return root / name / "config.json"
 
 
 def check_pipeline_dir(root: Path) -> dict[str, Any]:
-    """Validate a diffusers-layout directory; returns its ``model_index.json``."""
+    """Validate a diffusers-layout directory of a supported family; returns its ``model_index.json``."""
+    from fastdense.models.families import family_of_pipeline
+
     if not root.exists():
         raise FastdenseError(f"model directory {root} does not exist")
     if not root.is_dir():
         raise FastdenseError(f"model {root} is not a directory (expected a diffusers pipeline directory)")
     index = read_json_object(root / "model_index.json", "not a diffusers pipeline directory")
-    for name in (*REQUIRED_PARTS, "vae"):
+    family = family_of_pipeline(index.get("_class_name"), f"model {root}: model_index.json")
+    for name in family.components:
         entry = _component_entry(index, name, root)
         if entry is None:
-            if name in REQUIRED_PARTS:
+            if name in family.required:
                 raise FastdenseError(f"model {root}: model_index.json names no {name!r} component")
             continue
         if not (root / name).is_dir():
             raise FastdenseError(f"model {root}: the {name}/ directory is missing")
-        if name == "tokenizer":
+        if name.startswith("tokenizer"):
             if not any((root / name / f).is_file() for f in ("tokenizer_config.json", "vocab.json", "tokenizer.json")):
                 raise FastdenseError(f"model {root}: tokenizer/ holds no tokenizer files")
             continue
@@ -228,25 +251,29 @@ def _quiet_progress_bars() -> Iterator[None]:
             mod.enable_progress_bar()
 
 
-def _load_modules(root: Path, index: dict[str, Any], *, dtype, device, trust_remote_code: bool) -> dict[str, Any]:
+def _load_modules(
+    root: Path, index: dict[str, Any], names: tuple[str, ...], *, dtype, device, text_encoder_device,
+    trust_remote_code: bool,
+) -> dict[str, Any]:
     parts: dict[str, Any] = {}
-    for name in ("tokenizer", "text_encoder", "unet", "vae"):
+    for name in names:
         entry = _component_entry(index, name, root)
-        if entry is None:
+        if entry is None or name == "scheduler":
             parts[name] = None
             continue
         cls = _component_class(*entry, name, trust_remote_code)
         kwargs: dict[str, Any] = {"local_files_only": True} if entry[0] in TRUSTED_LIBRARIES else {}
-        if name == "tokenizer":
+        if name.startswith("tokenizer"):
             parts[name] = _load_component(cls, root, name, **kwargs)
             continue
+        where = text_encoder_device if name.startswith("text_encoder") else device
         if entry[0] == "diffusers":
             kwargs["torch_dtype"] = dtype  # diffusers keeps its fp32-only modules when loading, not on .to()
         module = _load_component(cls, root, name, **kwargs)
         if entry[0] == "diffusers":
-            module.to(device=device)
+            module.to(device=where)
         else:
-            module.to(device=device, dtype=dtype)
+            module.to(device=where, dtype=dtype)
         module.eval()
         module.requires_grad_(False)
         parts[name] = module
@@ -261,45 +288,71 @@ def load_pipeline_parts(
     trust_remote_code: bool = False,
     revision: str | None = None,
     lora: str | Path | None = None,
+    text_encoder_device: torch.device | str | None = None,
+    resolution: int | None = None,
 ) -> PipelineParts:
-    """Load tokenizer, text encoder, UNet, VAE (or None) and scheduler config.
+    """Load the family's tokenizers, text encoders, denoiser (UNet or transformer), VAE (or None)
+    and scheduler config.
 
     All modules are put in eval mode with frozen parameters (adapters added later
-    are trainable as usual), on ``device`` in ``dtype`` (fp32 by default). ``lora``
-    loads a LoRA adapter onto the UNet (see ``load_lora``).
+    are trainable as usual), on ``device`` in ``dtype`` (fp32 by default); the text encoders on
+    ``text_encoder_device`` (default ``device``; e.g. "cpu" to keep a large T5 off the GPU: prompts
+    are encoded once and cached). ``resolution``: the image size in pixels (default: the model's
+    own, from its config). ``lora`` loads a LoRA adapter onto the denoiser (see ``load_lora``).
     """
     import torch
 
+    from fastdense.models.families import backbone_class, family_of_pipeline
+
     dtype = torch.float32 if dtype is None else dtype
     device = torch.device(device)
+    text_encoder_device = device if text_encoder_device is None else torch.device(text_encoder_device)
     root = _resolve_model(model, revision=revision)
     index = check_pipeline_dir(root)
+    family = family_of_pipeline(index.get("_class_name"))
 
     with _quiet_progress_bars():
-        parts = _load_modules(root, index, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        parts = _load_modules(root, index, family.components, dtype=dtype, device=device,
+                              text_encoder_device=text_encoder_device, trust_remote_code=trust_remote_code)
 
     scheduler_config = read_json_object(
         root / "scheduler" / "scheduler_config.json", f"model {root}: bad scheduler config"
     )
-    unet = parts["unet"]
+    denoiser = parts[family.denoiser]
     vae = parts["vae"]
-    size = unet.config.sample_size
-    latent_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    channels, latent_size = backbone_class(family).latent_geometry(denoiser)
+    if resolution is not None:
+        latent_size = _latent_size_for(resolution, vae_scale_factor, backbone_class(family).latent_multiple)
+    common = ("tokenizer", "text_encoder", "unet", "transformer", "vae", "scheduler")
     result = PipelineParts(
         tokenizer=parts["tokenizer"],
         text_encoder=parts["text_encoder"],
-        unet=unet,
+        unet=denoiser,
         vae=vae,
         scheduler_config=dict(scheduler_config),
         vae_scale_factor=vae_scale_factor,
-        latent_channels=int(unet.config.in_channels),
+        latent_channels=channels,
         latent_size=latent_size,
         model_path=root,
         dtype=dtype,
         device=device,
+        family=family.name,
+        extra={name: parts.get(name) for name in family.components if name not in common},
     )
     if lora is not None:
         load_lora(result.unet, lora)
         result.lora_paths.append(Path(lora))
     return result
+
+
+def _latent_size_for(resolution: int, vae_scale_factor: int, multiple: int) -> tuple[int, int]:
+    """Latent (H, W) of a square ``resolution``-pixel image; it must divide into whole latents
+    (and into the family's patches: ``multiple`` latent pixels)."""
+    step = vae_scale_factor * multiple
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < step or resolution % step:
+        raise FastdenseError(
+            f"resolution={resolution!r} is not allowed for this model; allowed: a positive multiple of {step} pixels"
+        )
+    size = resolution // vae_scale_factor
+    return (size, size)
