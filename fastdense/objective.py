@@ -6,10 +6,16 @@ chooses the items and their weights (``exact``: every step with β·p_t;
 ``sampled``: K steps drawn ∝ p_t, shared by the trajectories of a group, each
 with β/K), and turns a group's logits and rewards into a loss. The per-item
 ratios themselves come from ``fastdense.kernels.log_ratio``.
+
+A step window (Flow-GRPO trains on a subset of the chain) restricts the items to
+the window's steps, with p_t ∝ γ^t normalised over the window and t still the
+true generation step.
 """
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +32,53 @@ def discount_weights(num_steps: int, gamma: float, dtype: torch.dtype = torch.fl
     if not 0.0 < gamma <= 1.0:
         raise FastdenseError(f"gamma={gamma} is not allowed; it must be in (0, 1]")
     powers = torch.full((num_steps,), float(gamma), dtype=torch.float64).pow(torch.arange(num_steps))
+    return (powers / powers.sum()).to(dtype)
+
+
+def _describe(steps: list) -> str:
+    return repr(steps) if len(steps) <= 8 else f"[{steps[0]!r}, {steps[1]!r}, …, {steps[-1]!r}] ({len(steps)} steps)"
+
+
+def step_window(steps: Sequence[int] | torch.Tensor, num_steps: int) -> torch.Tensor:
+    """The window as a [n] int64 tensor, checked: non-empty, strictly ascending, inside [0, num_steps)."""
+    if isinstance(steps, torch.Tensor):
+        if steps.dim() != 1 or steps.dtype.is_floating_point or steps.dtype == torch.bool or steps.is_complex():
+            raise FastdenseError(
+                f"steps must be a 1-D integer tensor of generation step indices, got {steps.dtype} "
+                f"of shape {tuple(steps.shape)}"
+            )
+        values = steps.tolist()
+    elif isinstance(steps, Sequence) and not isinstance(steps, (str, bytes)):
+        values = list(steps)
+    elif callable(getattr(steps, "tolist", None)) and getattr(steps, "ndim", None) == 1:  # a numpy array
+        values = steps.tolist()
+    else:
+        raise FastdenseError(f"steps must be a sequence of generation step indices, got {steps!r}")
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+    if bad:
+        raise FastdenseError(f"steps must be ints, got {bad[0]!r} in {_describe(values)}")
+    values = [int(v) for v in values]
+    if not values:
+        raise FastdenseError(f"steps=[] is an empty window; allowed: a non-empty subset of 0 <= t < {num_steps}")
+    outside = [v for v in values if not 0 <= v < num_steps]
+    if outside:
+        raise FastdenseError(
+            f"step window {_describe(values)} leaves the chain at t={outside[0]}; allowed: 0 <= t < {num_steps}"
+        )
+    if any(b <= a for a, b in zip(values[:-1], values[1:], strict=True)):
+        raise FastdenseError(f"steps {_describe(values)} must be sorted ascending without repeats")
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def window_weights(window: torch.Tensor, gamma: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """p_t = γ^t / Σ_{s∈window} γ^s for the (checked, ascending) ``window``, indexed by the true step t.
+
+    Exponents are taken relative to the window's first step (the same normalised weights, without
+    underflow for late windows); for the full window 0..T-1 this is :func:`discount_weights` bit for bit.
+    """
+    if not 0.0 < gamma <= 1.0:
+        raise FastdenseError(f"gamma={gamma} is not allowed; it must be in (0, 1]")
+    powers = torch.full((window.shape[0],), float(gamma), dtype=torch.float64).pow(window - window[0])
     return (powers / powers.sum()).to(dtype)
 
 
@@ -62,8 +115,15 @@ def plan_items(
     estimator: str = "sampled",
     k: int = 1,
     generator: torch.Generator | None = None,
+    steps: Sequence[int] | torch.Tensor | None = None,
 ) -> ItemPlan:
-    """Items for ``num_groups`` groups of ``group_size`` trajectories (trajectory j of group g is g·G + j)."""
+    """Items for ``num_groups`` groups of ``group_size`` trajectories (trajectory j of group g is g·G + j).
+
+    ``steps``: an optional window of generation steps (ascending indices in [0, num_steps)) that the
+    items are drawn from: ``exact`` sums over the window, ``sampled`` draws ∝ γ^t normalised over the
+    window (t the true step). None is the whole chain; an explicit full window gives the same plan, draws
+    included.
+    """
     if estimator not in ESTIMATORS:
         raise FastdenseError(f"estimator={estimator!r} is not allowed; allowed: {', '.join(ESTIMATORS)}")
     if beta <= 0:
@@ -71,6 +131,23 @@ def plan_items(
     if group_size < 2:
         raise FastdenseError(f"group_size={group_size} is not allowed; a comparison needs >= 2 trajectories")
     num_traj = num_groups * group_size
+    if steps is not None:
+        if num_steps < 1:
+            raise FastdenseError(f"num_steps={num_steps} is not allowed; it must be >= 1")
+        window = step_window(steps, num_steps)
+        p = window_weights(window, gamma)
+        if estimator == "exact":
+            traj = torch.arange(num_traj).repeat_interleave(window.shape[0])
+            step = window.repeat(num_traj)
+            weight = (beta * p).repeat(num_traj)
+            return ItemPlan(traj, step, weight)
+        if k < 1:
+            raise FastdenseError(f"k={k} is not allowed; it must be >= 1")
+        drawn = window[torch.multinomial(p.expand(num_groups, -1), k, replacement=True, generator=generator)]
+        step = drawn.repeat_interleave(group_size, dim=0).reshape(-1)  # trajectories of a group share steps
+        traj = torch.arange(num_traj).repeat_interleave(k)
+        weight = torch.full((num_traj * k,), beta / k, dtype=torch.float64)
+        return ItemPlan(traj, step, weight)
     if estimator == "exact":
         p = discount_weights(num_steps, gamma)
         traj = torch.arange(num_traj).repeat_interleave(num_steps)
