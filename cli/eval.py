@@ -160,7 +160,12 @@ def eval(
     guidance: Annotated[
         float | None, typer.Option("--guidance", help="CFG scale (default: the run's or model's).")
     ] = None,
-    eta: Annotated[float | None, typer.Option("--eta", help="DDIM eta (default: the run's or model's).")] = None,
+    eta: Annotated[
+        float | None, typer.Option("--eta", help="DDIM eta or flow noise level (default: the run's or model's).")
+    ] = None,
+    sampler_kind: Annotated[
+        str | None, typer.Option("--sampler", help="ddim, ode, sde or cps (default: the run's, else the scheduler's).")
+    ] = None,
     device: Annotated[str, device_option()] = "auto",
     dtype: Annotated[str, dtype_option("Model dtype: fp32, bf16 or fp16.")] = "fp32",
     micro_batch: Annotated[
@@ -189,7 +194,7 @@ def eval(
 ) -> None:
     """Compare the base model with aligned LoRAs: rewards, win rates, CIs, grids, x̂0 trajectories."""
     from fastdense.cli._options import parse_dtype, resolve_device
-    from fastdense.cli.sample import check_args, parse_steps
+    from fastdense.cli.sample import check_args, check_sampler, parse_steps
     from fastdense.comparison import prompt_groups, run_config
 
     check_counts(seeds=(seeds, 1), first_seed=(first_seed, 0), max_seen=(max_seen, 0), max_unseen=(max_unseen, 0),
@@ -202,6 +207,9 @@ def eval(
     steps, guidance = d_steps if steps is None else steps, d_guidance if guidance is None else guidance
     eta, micro_batch = d_eta if eta is None else eta, d_micro_batch if micro_batch is None else micro_batch
     check_args(steps=steps, guidance=guidance, num_images=1, eta=eta, micro_batch=micro_batch)
+    if sampler_kind is None and runs:
+        sampler_kind = runs[0].sampling.sampler
+    check_sampler(sampler_kind)
     x0_steps = parse_steps(trajectory_steps, steps) if trajectories else []
     groups = prompt_groups(seen_source=seen_prompts_file, unseen_source=prompts_file, runs=runs, model_path=model,
                            limits={"seen": max_seen, "unseen": max_unseen},
@@ -210,7 +218,8 @@ def eval(
     rewards = build_rewards(list(reward or default_rewards(model, runs)), dev)
     _run(model, aligned, groups, list(range(first_seed, first_seed + seeds)), rewards, out=out, overwrite=overwrite,
          load={"dtype": torch_dtype, "device": dev, "trust_remote_code": trust_remote_code},
-         compare_kw={"num_steps": steps, "guidance": guidance, "eta": eta, "micro_batch": micro_batch,
+         compare_kw={"num_steps": steps, "guidance": guidance, "eta": eta, "sampler_kind": sampler_kind,
+                     "micro_batch": micro_batch,
                      "compile": compile, "grid_rows": grid_rows, "trajectories": trajectories,
                      "trajectory_steps": x0_steps, "settings": {"device": str(dev), "dtype": dtype}})
 

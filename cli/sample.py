@@ -78,6 +78,13 @@ def check_args(*, steps: int, guidance: float, num_images: int, eta: float, micr
         raise FastdenseError(f"--micro-batch {micro_batch} is not allowed; allowed: >= 1")
 
 
+def check_sampler(kind: str | None) -> None:
+    from fastdense.schedule import SAMPLERS
+
+    if kind is not None and kind not in SAMPLERS:
+        raise FastdenseError(f"--sampler {kind} is not allowed; allowed: {', '.join(SAMPLERS)}")
+
+
 def sample(
     prompts: Annotated[
         list[str] | None, typer.Argument(help="Prompts (or use --prompts-file).", show_default=False)
@@ -96,7 +103,16 @@ def sample(
     guidance: Annotated[
         float | None, typer.Option("--guidance", help="CFG scale, 1 = none (default 7.5; toy model 3).")
     ] = None,
-    eta: Annotated[float, typer.Option("--eta", help="DDIM eta (1 = stochastic, as in training).")] = 1.0,
+    eta: Annotated[
+        float, typer.Option("--eta", help="DDIM eta, or a flow sampler's noise level (1 = stochastic, as in training).")
+    ] = 1.0,
+    sampler_kind: Annotated[
+        str | None,
+        typer.Option("--sampler", help="ddim (SD, SDXL); ode, sde or cps (SD3, FLUX); default: the scheduler's own."),
+    ] = None,
+    resolution: Annotated[
+        int | None, typer.Option("--resolution", help="Image size in pixels (default: the model's own).")
+    ] = None,
     seed: Annotated[int, seed_option("Image k uses seed + k (reproducible).")] = 0,
     trajectory: Annotated[
         bool, typer.Option("--trajectory", help="Also write a picture of x̂0 at chosen steps per image.")
@@ -115,7 +131,7 @@ def sample(
         bool, typer.Option("--trust-remote-code", help="Allow model components with custom code.")
     ] = False,
 ) -> None:
-    """Generate images with DDIM + classifier-free guidance; writes PNGs and a grid."""
+    """Generate images (DDIM, or a flow-matching sampler) with classifier-free guidance; writes PNGs and a grid."""
     if model is None:  # the shipped toy model, with its own sampling defaults
         from fastdense.toy import DEFAULT_GUIDANCE, DEFAULT_STEPS, shipped_model_dir
 
@@ -125,6 +141,7 @@ def sample(
     steps = 50 if steps is None else steps
     guidance = 7.5 if guidance is None else guidance
     check_args(steps=steps, guidance=guidance, num_images=num_images, eta=eta, micro_batch=micro_batch)
+    check_sampler(sampler_kind)
     prompt_list = read_prompts(prompts, prompts_file)
     torch_dtype = parse_dtype(dtype)
     if lora is not None and not lora.exists():
@@ -142,7 +159,8 @@ def sample(
 
     console = Console(stderr=True)
     dev = resolve_device(device)
-    parts = load_pipeline_parts(model, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code, lora=lora)
+    parts = load_pipeline_parts(model, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code, lora=lora,
+                                resolution=resolution)
 
     all_prompts = [p for p in prompt_list for _ in range(num_images)]
     total = len(all_prompts)
@@ -154,6 +172,7 @@ def sample(
             num_steps=steps,
             guidance=guidance,
             eta=eta,
+            sampler=sampler_kind,
             seed=seed,
             record_x0_steps=traj_steps,
             progress=lambda n: bar.advance(task, n),
@@ -183,6 +202,7 @@ def sample(
         "steps": steps,
         "guidance": guidance,
         "eta": eta,
+        "sampler": traj.info["sampler"],
         "seed": seed,
         "images": records,
     }

@@ -341,7 +341,7 @@ def _shown_pairs(rows: Sequence[int], num_seeds: int, count: int) -> list[tuple[
 
 
 @contextlib.contextmanager
-def _adapter(unet, contender: Contender, name: str) -> Iterator[None]:
+def _adapter(unet, contender: Contender, name: str, family: str | None = None) -> Iterator[None]:
     """The contender's LoRA on the UNet while it samples (none for the base); afterwards every peft
     layer is unwrapped again (deleting the adapter would leave empty LoRA layers behind), so the
     UNet is the plain base model for the next contender and for the caller."""
@@ -351,7 +351,7 @@ def _adapter(unet, contender: Contender, name: str) -> Iterator[None]:
     from fastdense.lora import load_lora
 
     try:
-        load_lora(unet, contender.lora, adapter_name=name)
+        load_lora(unet, contender.lora, adapter_name=name, family=family)
         yield
     finally:
         unet.unload_lora()
@@ -375,6 +375,7 @@ def compare(
     num_steps: int,
     guidance: float,
     eta: float,
+    sampler_kind: str | None = None,
     micro_batch: int = 8,
     compile: bool | None = None,
     decode_batch_size: int = 8,
@@ -406,7 +407,8 @@ def compare(
     comparison = Comparison(
         model=str(parts.model_path), contenders=contenders, groups=dict(groups.groups), sources=dict(groups.sources),
         seeds=seeds, rewards=list(rewards), scores={},
-        settings={"steps": num_steps, "guidance": guidance, "eta": eta, "micro_batch": micro_batch,
+        settings={"steps": num_steps, "guidance": guidance, "eta": eta, "sampler": sampler_kind,
+                  "micro_batch": micro_batch,
                   **(settings or {}), "level": level, "resamples": resamples, "bootstrap_seed": bootstrap_seed,
                   "ties": {name: tie_tolerance(reward) for name, reward in rewards.items()}},
         x0_steps=tuple(int(t) for t in trajectory_steps),
@@ -420,11 +422,13 @@ def compare(
                    for p, s in pairs})
     x0_keep = [p * S + s for pairs in comparison.trajectories.values() for p, s in pairs]
     sampler = Sampler(parts, micro_batch=micro_batch, compile=compile)
+    comparison.settings["sampler"] = sampler.table(num_steps, eta, sampler_kind).sampler  # the kind actually used
     for k, contender in enumerate(contenders):
-        with _adapter(parts.unet, contender, f"fastdense_eval_{k}"):
+        with _adapter(parts.unet, contender, f"fastdense_eval_{k}", parts.family):
             gen = generate(sampler, parts, rewards, comparison.prompts, seeds, num_steps=num_steps,
-                           guidance=guidance, eta=eta, decode_batch_size=decode_batch_size, keep=keep,
-                           x0_steps=comparison.x0_steps, x0_keep=x0_keep, progress=progress)
+                           guidance=guidance, eta=eta, sampler_kind=sampler_kind,
+                           decode_batch_size=decode_batch_size, keep=keep, x0_steps=comparison.x0_steps,
+                           x0_keep=x0_keep, progress=progress)
         comparison.scores[contender.label] = {r: s.numpy().reshape(-1, S) for r, s in gen.scores.items()}
         comparison.images[contender.label] = dict(zip(keep, gen.images, strict=True))
         if gen.x0_images is not None:
@@ -465,7 +469,8 @@ def markdown(c: Comparison) -> str:
     lines = ["# fastdense eval", "",
              f"Base model `{c.model}`; aligned: "
              + (", ".join(f"`{a.label}` (LoRA `{a.lora}`)" for a in aligned) or "none") + ".",
-             f"DDIM {s['steps']} steps, guidance {s['guidance']:g}, eta {s['eta']:g}; seeds {c.seeds[0]}"
+             f"{str(s.get('sampler') or 'ddim').upper()} {s['steps']} steps, guidance {s['guidance']:g}, "
+             f"eta {s['eta']:g}; seeds {c.seeds[0]}"
              + (f"–{c.seeds[-1]}" if len(c.seeds) > 1 else "") + f" ({len(c.seeds)} per prompt); "
              f"rewards: {', '.join(f'`{r}`' for r in c.rewards)}.", "",
              f"Mean ± std over the (prompt, seed) pairs [{level}% bootstrap CI]. Win rate: the fraction of pairs "

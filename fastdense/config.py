@@ -25,6 +25,7 @@ ESTIMATORS = ("exact", "sampled")
 REFERENCES = ("init", "old", "both")
 REDUCTIONS = ("mean", "sum")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+TRAIN_SAMPLERS = ("ddim", "sde", "cps")  # samplers with a density (fastdense.schedule); "ode" is for evaluation
 
 
 @dataclass
@@ -34,16 +35,22 @@ class ModelConfig:
     path: str | None = None
     lora_rank: int = 4  # 0 = full fine-tuning
     lora_alpha: float | None = None  # None = rank
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_targets: list[str] | None = None  # None = the model family's attention projections
     compile: bool | None = None  # None = on for CUDA, off for CPU
     attention: str = "default"
+    # where the text encoders run: None = the training device; "cpu" keeps a large T5 off the GPU
+    # (prompts are encoded once and cached)
+    text_encoder_device: str | None = None
+    resolution: int | None = None  # image size in pixels; None = the model's own
 
 
 @dataclass
 class SamplingConfig:
     num_steps: int = 50
     guidance: float = 7.5
-    eta: float = 1.0
+    eta: float = 1.0  # DDIM's η, or a flow sampler's noise level a
+    # ddim (SD, SDXL), sde / cps (flow matching: SD3, FLUX); None = the scheduler's own kind
+    sampler: str | None = None
     rollouts_per_prompt: int = 5  # R; G of them are kept (spread across the reward range)
     latent_dtype: str = "fp32"
     micro_batch: int = 8
@@ -63,6 +70,9 @@ class ObjectiveConfig:
     # groups whose reward range (max - min) is below this carry no preference and are not
     # drawn for updates; 0 = every group (the paper). For near-binary rewards (the toy one).
     min_reward_gap: float = 0.0
+    # [start, stop): the generation steps trained on (Flow-GRPO trains on a window); the discount
+    # γ^t keeps the true step index t. None = every step with a density
+    step_window: list[int] | None = None
 
 
 @dataclass
@@ -408,7 +418,14 @@ def validate(cfg: Config) -> Config:
     _check(1 <= s.num_steps <= 1000, "sampling.num_steps", s.num_steps, "it must be in [1, 1000]")
     _check(_finite(s.guidance) and s.guidance >= 0, "sampling.guidance", s.guidance, "it must be a number >= 0")
     _check(_finite(s.eta) and 0 < s.eta <= 1, "sampling.eta", s.eta,
-           "it must be in (0, 1] for training (eta = 0 has no density)")
+           "it must be in (0, 1] for training (DDIM's η or a flow sampler's noise level; 0 has no density)")
+    _check(s.sampler in (None, *TRAIN_SAMPLERS), "sampling.sampler", s.sampler,
+           f"allowed for training: {', '.join(TRAIN_SAMPLERS)} or null (the ode sampler has no density)")
+    w = o.step_window
+    _check(w is None or (len(w) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in w)
+                         and 0 <= w[0] < w[1] <= s.num_steps),
+           "objective.step_window", w, f"it must be [start, stop) with 0 <= start < stop <= sampling.num_steps "
+           f"({s.num_steps}), or null")
     _check(s.rollouts_per_prompt >= o.group_size, "sampling.rollouts_per_prompt", s.rollouts_per_prompt,
            f"it must be >= objective.group_size ({o.group_size})")
     _check(s.latent_dtype in PRECISIONS, "sampling.latent_dtype", s.latent_dtype, f"allowed: {', '.join(PRECISIONS)}")
@@ -418,6 +435,15 @@ def validate(cfg: Config) -> Config:
            "it must be > 0 or null")
     _check(m.attention in ("default", "sdpa", "xformers"), "model.attention", m.attention,
            "allowed: default, sdpa, xformers")
+    targets = m.lora_targets
+    _check(targets is None or (len(targets) > 0 and all(isinstance(x, str) and x for x in targets)),
+           "model.lora_targets", m.lora_targets, "it must be a non-empty list of layer names, or null")
+    _check(m.text_encoder_device is None or m.text_encoder_device in ("cpu", "cuda")
+           or str(m.text_encoder_device).startswith("cuda:"), "model.text_encoder_device", m.text_encoder_device,
+           "allowed: null (the training device), cpu, cuda, cuda:N")
+    _check(m.resolution is None or (isinstance(m.resolution, int) and not isinstance(m.resolution, bool)
+                                    and m.resolution >= 8), "model.resolution", m.resolution,
+           "it must be an image size in pixels >= 8, or null (the model's own)")
     if m.path is not None and (m.path.startswith((".", "/", "~")) or Path(m.path).exists()):
         _check(Path(m.path).expanduser().is_dir(), "model.path", m.path, "no such model directory")
     _check(_finite(opt.lr) and opt.lr > 0, "optim.lr", opt.lr, "it must be > 0")

@@ -47,14 +47,16 @@ def evaluate(
     num_steps: int,
     guidance: float,
     eta: float,
+    sampler_kind: str | None = None,
     decode_batch_size: int = 8,
 ) -> Evaluation:
-    """Sample every prompt with every seed (DDIM ``num_steps``, CFG ``guidance``, ``eta``), decode
+    """Sample every prompt with every seed (``num_steps`` of ``sampler_kind``, the scheduler's own by
+    default; CFG ``guidance``, ``eta``), decode
     (the VAE in batches of ``decode_batch_size``) and score with ``reward``: :func:`generate` with
     one reward, keeping every image."""
     total = len(prompts) * len(seeds)
     out = generate(sampler, parts, {"reward": reward}, prompts, seeds, num_steps=num_steps, guidance=guidance,
-                   eta=eta, decode_batch_size=decode_batch_size, keep=range(total))
+                   eta=eta, sampler_kind=sampler_kind, decode_batch_size=decode_batch_size, keep=range(total))
     scores = out.scores["reward"]
     finite = scores[torch.isfinite(scores)]
     return Evaluation(float(finite.mean()) if finite.numel() else float("nan"), out.images, scores)
@@ -89,6 +91,7 @@ def generate(
     num_steps: int,
     guidance: float,
     eta: float,
+    sampler_kind: str | None = None,
     decode_batch_size: int = 8,
     keep: Sequence[int] = (),
     x0_steps: Sequence[int] = (),
@@ -112,7 +115,7 @@ def generate(
     x0_steps = tuple(int(t) for t in x0_steps) if x0_keep else ()
     batch_prompts = [p for p in prompts for _ in seeds]
     # record=False: the final latents only (two slots); the same arithmetic as a recorded chain, bit for bit
-    traj = sampler.sample(batch_prompts, num_steps=num_steps, guidance=guidance, eta=eta,
+    traj = sampler.sample(batch_prompts, num_steps=num_steps, guidance=guidance, eta=eta, sampler=sampler_kind,
                           seed=[s for _ in prompts for s in seeds], record_x0_steps=x0_steps,
                           progress=progress, record=False)
     images = decode(parts, traj.final_latents, batch_size=decode_batch_size)

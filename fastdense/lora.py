@@ -38,6 +38,9 @@ __all__ = [
 
 LORA_ADAPTER = "default"
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+#: written next to a saved LoRA: the model family it was trained on (checked when it is loaded)
+LORA_INFO = "fastdense_lora.json"
+LORA_PREFIXES = ("unet", "transformer")
 
 
 def add_lora(unet, rank: int, alpha: float | None, targets: list[str], *, seed: int = 0) -> None:
@@ -98,25 +101,45 @@ def _lora_metadata(unet) -> dict[str, Any]:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
 
-def save_lora(unet, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+def save_lora(
+    unet,
+    directory: str | Path,
+    state: dict[str, torch.Tensor] | None = None,
+    *,
+    prefix: str = "unet",
+    family: str | None = None,
+) -> Path:
     """Write the LoRA adapter in diffusers format into ``directory``; returns the weight file.
 
     ``state``: the adapter weights (default: read from ``unet``; pass them when the
-    parameters live elsewhere, e.g. gathered from ZeRO-3 partitions).
+    parameters live elsewhere, e.g. gathered from ZeRO-3 partitions). ``prefix``: the denoiser's
+    key prefix in diffusers' format ("unet" for SD / SDXL, "transformer" for SD3 / FLUX: what
+    the pipeline's ``load_lora_weights`` reads). ``family``: the model family, recorded in
+    ``fastdense_lora.json`` so that loading it onto another family is refused in one line.
     """
-    # The pipeline's own saver (StableDiffusionPipeline inherits it), without importing the
-    # pipeline module: that pulls in transformers' image processors and their torchvision warnings.
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    import json
 
+    # The pipelines' own savers, without importing the pipeline modules: those pull in
+    # transformers' image processors and their torchvision warnings.
+    from diffusers.loaders import SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin
+
+    if prefix not in LORA_PREFIXES:
+        raise FastdenseError(f"prefix={prefix!r} is not allowed; allowed: {', '.join(LORA_PREFIXES)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = lora_state_dict(unet) if state is None else state
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        str(directory),
-        unet_lora_layers=state,
-        unet_lora_adapter_metadata=_lora_metadata(unet),
-        safe_serialization=True,
-    )
+    if prefix == "unet":
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            str(directory), unet_lora_layers=state, unet_lora_adapter_metadata=_lora_metadata(unet),
+            safe_serialization=True,
+        )
+    else:  # SD3 and FLUX write the same "transformer." layout
+        SD3LoraLoaderMixin.save_lora_weights(
+            str(directory), transformer_lora_layers=state, transformer_lora_adapter_metadata=_lora_metadata(unet),
+            safe_serialization=True,
+        )
+    if family is not None:
+        (directory / LORA_INFO).write_text(json.dumps({"family": family, "prefix": prefix}, indent=2) + "\n")
     return directory / "pytorch_lora_weights.safetensors"
 
 
@@ -150,12 +173,15 @@ def adapters_disabled(unet) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
-def load_lora(unet, lora: str | Path, *, adapter_name: str = LORA_ADAPTER) -> str:
-    """Load a LoRA adapter directory onto ``unet`` (a diffusers UNet); returns the adapter name.
+def load_lora(unet, lora: str | Path, *, adapter_name: str = LORA_ADAPTER, family: str | None = None) -> str:
+    """Load a LoRA adapter directory onto ``unet`` (a diffusers UNet or transformer); returns the
+    adapter name.
 
     Accepted layouts: diffusers (``pytorch_lora_weights.safetensors``, keys optionally
-    prefixed ``unet.``, as ``save_lora_weights`` / ``save_lora_adapter`` write), or peft
-    (``adapter_config.json`` + ``adapter_model.safetensors``).
+    prefixed ``unet.`` or ``transformer.``, as ``save_lora_weights`` / ``save_lora_adapter``
+    write), or peft (``adapter_config.json`` + ``adapter_model.safetensors``). ``family``: the
+    model's family; a LoRA that ``fastdense_lora.json`` says was trained on another family, or
+    whose keys name the other kind of denoiser, is refused in one line.
     """
     path = Path(lora).expanduser()
     if not path.exists():
@@ -184,6 +210,7 @@ def load_lora(unet, lora: str | Path, *, adapter_name: str = LORA_ADAPTER) -> st
     except Exception as err:  # OSError or safetensors' own error (its name differs across versions)
         raise FastdenseError(f"LoRA weights {weight_file} cannot be read ({err})") from None
 
+    _check_lora_family(weight_file, state, family, read_json_object)
     config_path = weight_file.parent / "adapter_config.json"
     if config_path.is_file():
         _load_peft_format(unet, state, read_json_object(config_path, "bad LoRA config"), adapter_name, weight_file)
@@ -191,6 +218,8 @@ def load_lora(unet, lora: str | Path, *, adapter_name: str = LORA_ADAPTER) -> st
 
     if any(k.startswith("unet.") for k in state):
         prefix = "unet"
+    elif any(k.startswith("transformer.") for k in state):
+        prefix = "transformer"
     elif any(k.startswith(("text_encoder.", "text_encoder_2.")) for k in state):
         raise FastdenseError(f"LoRA weights {weight_file} hold no UNet layers (only text encoder layers)")
     else:
@@ -213,6 +242,27 @@ def load_lora(unet, lora: str | Path, *, adapter_name: str = LORA_ADAPTER) -> st
     return adapter_name
 
 
+def _check_lora_family(weight_file: Path, state: dict, family: str | None, read_json_object) -> None:
+    """A LoRA of another model family is a one-line error (before peft tries to fit it)."""
+    if family is None:
+        return
+    from fastdense.models.families import family_named
+
+    info_path = weight_file.parent / LORA_INFO
+    if info_path.is_file():
+        trained_on = read_json_object(info_path, "bad LoRA info").get("family")
+        if trained_on is not None and trained_on != family:
+            raise FastdenseError(
+                f"LoRA {weight_file.parent} was trained on a {trained_on!r} model; this model is {family!r}"
+            )
+    denoiser = family_named(family).denoiser
+    other = "transformer" if denoiser == "unet" else "unet"
+    if any(k.startswith(other + ".") for k in state):
+        raise FastdenseError(
+            f"LoRA {weight_file.parent} holds {other} layers; this model ({family!r}) has a {denoiser}"
+        )
+
+
 def _load_peft_format(unet, state: dict, config: dict, adapter_name: str, weight_file: Path) -> None:
     from peft import LoraConfig, set_peft_model_state_dict
 
@@ -222,7 +272,7 @@ def _load_peft_format(unet, state: dict, config: dict, adapter_name: str, weight
         lora_config = LoraConfig(**kwargs)
     except (TypeError, ValueError) as err:
         raise FastdenseError(f"bad LoRA config next to {weight_file} ({err})") from None
-    prefixes = ("base_model.model.", "unet.")
+    prefixes = ("base_model.model.", "unet.", "transformer.")
     cleaned = {}
     for key, value in state.items():
         for p in prefixes:

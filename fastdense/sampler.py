@@ -1,4 +1,5 @@
-"""The sampling loop: DDIM with classifier-free guidance, recorded in place.
+"""The sampling loop: DDIM (SD, SDXL) or flow-matching (SD3, FLUX) steps with classifier-free
+guidance, recorded in place.
 
 One call of :meth:`Sampler.sample` allocates its records once —
 ``latents [B, T+1, C, H, W]``, squared residuals ``[B, T]`` (fp32), optionally x̂0
@@ -7,9 +8,12 @@ the new latent straight into ``latents[:, t+1]`` with the fused ``ddim_step`` op
 which also returns ``‖x'_stored − μ‖²`` (log π_old of the stored transition, up to
 constants: DESIGN.md §1).
 
-Per step and micro-batch the UNet runs once through the backbone seam
-(:class:`fastdense.models.backbone.UNetBackbone`): on ``[x | x]`` with ``[uncond | cond]``
-embeddings (guidance ≠ 1), or once on ``x`` (guidance = 1).
+Every step of every sampler is linear-Gaussian in the model output (DESIGN.md §1, §1b), so one
+(A, B, σ) table (:func:`fastdense.schedule.make_step_table`) and the same fused step serve all
+families. Per step and micro-batch the denoiser runs once through the family's backbone
+(:mod:`fastdense.models.families`): on ``[x | x]`` with ``[uncond | cond]`` conditioning
+(guidance ≠ 1), or once on ``x`` (guidance = 1, or a guidance-distilled model such as FLUX.1-dev,
+which takes the guidance weight as an input).
 Each sample ``i`` owns a generator (``seed + i``) that draws its initial noise and
 then one noise tensor per step, in the order diffusers' ``StableDiffusionPipeline``
 with a list of generators draws them, so sample ``i`` does not depend on the batch
@@ -29,10 +33,10 @@ import torch
 from torch import Tensor
 
 from fastdense.errors import FastdenseError
-from fastdense.models.backbone import UNetBackbone, cfg_enabled
+from fastdense.models.backbone import UNetBackbone
 from fastdense.models.loading import PipelineParts, adapters_disabled, has_adapters
 from fastdense.models.prompts import PromptEncoder
-from fastdense.schedule import StepTable, step_table
+from fastdense.schedule import StepTable, make_step_table
 
 ATTENTION_CHOICES = ("default", "sdpa", "xformers")
 LATENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -56,7 +60,7 @@ class Trajectories:
 
     latents: Tensor  # [B, T+1, C, H, W], storage dtype
     sq_residual: Tensor  # [B, T] fp32
-    timesteps: Tensor  # [T] int64 (train timesteps, descending)
+    timesteps: Tensor  # [T] model timesteps, descending (DDIM: int64 train timesteps; flow: float32 σ·1000)
     coef_a: Tensor  # [T] float64
     coef_b: Tensor  # [T] float64
     sigma: Tensor  # [T] float64
@@ -64,8 +68,8 @@ class Trajectories:
     prompt_ids: Tensor  # [B] int64 index into unique_prompts
     unique_prompts: list[str]
     guidance: float
-    eta: float
-    prediction_type: str
+    eta: float  # DDIM's η, or a flow sampler's noise level
+    prediction_type: str  # "epsilon" | "v_prediction" | "flow"
     step_table: StepTable
     seeds: Tensor | None = None  # [B] int64 generator seed of each sample (None: caller's generators)
     ref_sq_residual: Tensor | None = None  # [B, T] fp32
@@ -201,22 +205,19 @@ class Sampler:
     ):
         if parts is not None:
             unet = unet if unet is not None else parts.unet
-            encoder = encoder if encoder is not None else PromptEncoder.from_parts(parts)
             scheduler_config = scheduler_config if scheduler_config is not None else parts.scheduler_config
             latent_shape = latent_shape if latent_shape is not None else parts.latent_shape
-        if unet is None or encoder is None or scheduler_config is None:
+        if unet is None or (encoder is None and parts is None) or scheduler_config is None:
             raise FastdenseError("Sampler needs parts, or unet + encoder + scheduler_config")
         if latent_shape is None:
-            size = unet.config.sample_size
-            hw = (size, size) if isinstance(size, int) else tuple(size)
-            latent_shape = (int(unet.config.in_channels), int(hw[0]), int(hw[1]))
+            channels, hw = UNetBackbone.latent_geometry(unet)
+            latent_shape = (channels, *hw)
         if micro_batch is not None and (isinstance(micro_batch, bool) or int(micro_batch) < 1):
             raise FastdenseError(f"micro_batch={micro_batch} is not allowed; allowed: an int >= 1 or None")
         if attention not in ATTENTION_CHOICES:
             raise FastdenseError(f"attention={attention!r} is not allowed; allowed: {', '.join(ATTENTION_CHOICES)}")
 
         self.unet = unet
-        self.encoder = encoder
         self.scheduler_config = dict(scheduler_config)
         self.latent_shape = tuple(int(v) for v in latent_shape)
         self.micro_batch = None if micro_batch is None else int(micro_batch)
@@ -229,7 +230,14 @@ class Sampler:
         self._set_attention(attention)
         options = {"dynamic": False, **(compile_options or {})}
         self._model = torch.compile(unet, **options) if self.compile else unet
-        self.backbone = UNetBackbone(unet, encoder, module=self._model)  # the one CFG model call
+        # the one CFG model call: the family's backbone (SD when built from the pieces)
+        if parts is not None:
+            from fastdense.models.families import backbone_for
+
+            self.backbone = backbone_for(parts, module=self._model, encoder=encoder)
+        else:
+            self.backbone = UNetBackbone(unet, encoder, module=self._model)
+        self.encoder = self.backbone.encoder
         self._tables: dict[tuple, StepTable] = {}
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -251,11 +259,15 @@ class Sampler:
         except Exception as err:
             raise FastdenseError(f"xformers attention could not be enabled: {' '.join(str(err).split())}") from None
 
-    def table(self, num_steps: int, eta: float = 1.0) -> StepTable:
-        """The (cached) step table of a ``num_steps`` chain with noise scale ``eta``."""
-        key = (type(num_steps), num_steps, eta)  # step_table validates both (True == 1 as a key)
+    def table(self, num_steps: int, eta: float = 1.0, sampler: str | None = None) -> StepTable:
+        """The (cached) step table of a ``num_steps`` chain with noise scale ``eta`` (DDIM's η, a
+        flow sampler's noise level) for ``sampler`` (None: the scheduler's own kind, DDIM or SDE)."""
+        key = (type(num_steps), num_steps, eta, sampler)  # make_step_table validates them (True == 1 as a key)
         if key not in self._tables:
-            self._tables[key] = step_table(self.scheduler_config, num_steps, eta=eta)
+            options = self.backbone.table_options(self.latent_shape)
+            self._tables[key] = make_step_table(
+                self.scheduler_config, num_steps, sampler=sampler, eta=eta, **options
+            )
         return self._tables[key]
 
     # -- sampling ---------------------------------------------------------------------------------
@@ -268,6 +280,7 @@ class Sampler:
         num_steps: int,
         guidance: float,
         eta: float = 1.0,
+        sampler: str | None = None,
         seed: int | Sequence[int] | None = None,
         generators: Sequence[torch.Generator] | None = None,
         latent_dtype: torch.dtype = torch.float32,
@@ -279,6 +292,8 @@ class Sampler:
     ) -> Trajectories:
         """Sample one trajectory per prompt (repeat a prompt for several images).
 
+        ``sampler``: "ddim" (SD, SDXL), or "sde" / "cps" / "ode" (flow-matching models; ``eta`` is
+        then the noise level, and "ode" is deterministic); None takes the scheduler's own kind.
         ``seed``: an int (sample i uses ``seed + i``; default 0) or one seed per sample; or pass
         ``generators`` (one per sample, used for the initial noise then one draw per
         step). ``guidance = 1`` runs without the unconditional branch; any other value
@@ -301,7 +316,7 @@ class Sampler:
         guidance = _check_guidance(guidance)
         if latent_dtype not in LATENT_DTYPES:
             raise FastdenseError(f"latent_dtype={latent_dtype} is not allowed; allowed: {LATENT_DTYPES}")
-        table = self.table(num_steps, eta)
+        table = self.table(num_steps, eta, sampler)
         T = table.num_steps
         B = len(prompts)
         steps_x0 = tuple(int(s) for s in record_x0_steps)
@@ -329,7 +344,7 @@ class Sampler:
             seeds_tensor = torch.tensor(seeds, dtype=torch.int64)
             gens = make_generators(seeds, self.device if generator_device is None else generator_device)
 
-        cfg = cfg_enabled(guidance)
+        cfg = self.backbone.uses_cfg(guidance)
         policy_adapters = has_adapters(self.unet)
         extra_ref_pass = ref_residual and policy_adapters
 
@@ -372,7 +387,7 @@ class Sampler:
                 n = stop - start
                 ids = prompt_ids[start:stop].to(dev)
                 # a fixed UNet batch of mb rows per half, padded with the last sample (graph reuse)
-                batch = self.backbone.batch(cond[ids], cfg=cfg, rows=mb, x_rows=model_in)
+                batch = self.backbone.batch(cond[ids], cfg=cfg, rows=mb, x_rows=model_in, guidance=guidance)
                 g_mb = gens[start:stop]
 
                 for j, g in enumerate(g_mb):  # initial noise, as diffusers' prepare_latents draws it
@@ -435,7 +450,8 @@ class Sampler:
             x0=x0,
             x0_steps=steps_x0,
             policy_has_adapters=policy_adapters,
-            info={"micro_batch": mb, "compiled": self.compile, "attention": self.attention, "recorded": record},
+            info={"micro_batch": mb, "compiled": self.compile, "attention": self.attention, "recorded": record,
+                  "sampler": getattr(table, "sampler", "ddim"), "family": self.backbone.family},
         )
 
 

@@ -341,7 +341,7 @@ def load_pipeline_parts(
         extra={name: parts.get(name) for name in family.components if name not in common},
     )
     if lora is not None:
-        load_lora(result.unet, lora)
+        load_lora(result.unet, lora, family=family.name)
         result.lora_paths.append(Path(lora))
     return result
 

@@ -93,7 +93,7 @@ class CheckpointMixin:
         if self.lora:
             with self._gathered():
                 if main:
-                    save_lora(self.unet, tmp / "lora")
+                    save_lora(self.unet, tmp / "lora", prefix=self.backbone.lora_prefix, family=self.backbone.family)
         if main:
             (tmp / "state.json").write_text(json.dumps(self._state_dict(), indent=1))
             (tmp / "config.json").write_text(self.cfg.to_json())

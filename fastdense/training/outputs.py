@@ -79,7 +79,7 @@ class OutputsMixin:
         seeds = cfg.data.eval_seeds if seeds is None else seeds
         return evaluate(self.sampler, self.parts, self.reward, self.eval_prompts, seeds,
                         num_steps=cfg.sampling.num_steps, guidance=cfg.sampling.guidance, eta=cfg.sampling.eta,
-                        decode_batch_size=cfg.reward.batch_size)
+                        sampler_kind=cfg.sampling.sampler, decode_batch_size=cfg.reward.batch_size)
 
     def paired_extra_seeds(self) -> list[int]:
         """The seeds that the paired comparison adds to data.eval_seeds (eval.paired_seeds of them)."""
@@ -182,7 +182,8 @@ class OutputsMixin:
         from fastdense.lora import save_lora
 
         if self.lora:  # full weights in place: the caller holds self._gathered()
-            output = save_lora(self.unet, self.run_dir / "lora").parent
+            output = save_lora(self.unet, self.run_dir / "lora", prefix=self.backbone.lora_prefix,
+                               family=self.backbone.family).parent
         else:
             output = self.run_dir / "unet"
             self.unet.save_pretrained(str(output))

@@ -48,6 +48,34 @@ LATENT_DTYPES = DTYPES  # sampling.latent_dtype names → torch dtypes: the one 
 StepCallback = Callable[["Trainer", dict[str, Any]], None]
 
 
+def train_steps(table, window: list[int] | None) -> list[int] | None:
+    """The generation steps the objective trains on: ``window`` ([start, stop)) or every step, less
+    the steps without a density (σ = 0, e.g. the CPS sampler's last step), which are excluded when
+    no window is given and refused inside one. None: every step of the chain (the plan's default)."""
+    sigma = table.sigma.tolist()
+    T = len(sigma)
+    with_density = [t for t in range(T) if sigma[t] > 0]
+    if not with_density:
+        raise FastdenseError(
+            f"sampling.sampler={getattr(table, 'sampler', 'ddim')!r} with sampling.eta={table.eta} has no density at "
+            "any step, so there is nothing to train on; use a noise level > 0 (a flow model's sde or cps sampler)"
+        )
+    if window is None:
+        return None if len(with_density) == T else with_density
+    start, stop = int(window[0]), int(window[1])
+    if not 0 <= start < stop <= T:
+        raise FastdenseError(
+            f"objective.step_window={list(window)} is outside the chain; allowed: 0 <= start < stop <= {T}"
+        )
+    flat = [t for t in range(start, stop) if sigma[t] <= 0]
+    if flat:
+        raise FastdenseError(
+            f"objective.step_window={list(window)} includes step {flat[0]}, which has σ = 0 (no density); "
+            f"allowed: a window inside the steps with a density ({with_density[0]}..{with_density[-1]})"
+        )
+    return None if (start, stop) == (0, T) else list(range(start, stop))
+
+
 class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
     """Builds everything from a validated :class:`Config` (model, LoRA, DeepSpeed engine, sampler,
     reward, buffer); :meth:`run` trains. Nothing is written until :meth:`run`.
@@ -108,10 +136,16 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
 
         cfg = self.cfg
         path = self.model_path
-        self.parts = load_pipeline_parts(path, device=self.device)
-        self.unet = self.parts.unet
+        from fastdense.models.families import backbone_class
+
+        self.parts = load_pipeline_parts(path, device=self.device, text_encoder_device=cfg.model.text_encoder_device,
+                                         resolution=cfg.model.resolution)
+        self.unet = self.parts.unet  # the denoiser: a UNet, or SD3's / FLUX's transformer
         self.lora = cfg.model.lora_rank > 0
-        add_lora(self.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets, seed=cfg.train.seed)
+        targets = cfg.model.lora_targets
+        if targets is None:
+            targets = list(backbone_class(self.parts.family).default_lora_targets)
+        add_lora(self.unet, cfg.model.lora_rank, cfg.model.lora_alpha, targets, seed=cfg.train.seed)
         needs_init = cfg.objective.reference in ("init", "both")
         # Full fine-tuning has no adapters to switch off: keep a frozen copy of π_init for the reference.
         self.ref_unet = None
@@ -164,7 +198,6 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
 
     def _build_rest(self) -> None:
         from fastdense.buffer import ReplayBuffer
-        from fastdense.models.backbone import cfg_enabled
         from fastdense.sampler import Sampler
 
         cfg = self.cfg
@@ -179,8 +212,9 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
         # Every prompt encoded once, in a fixed order: the same embeddings bit for bit in a resumed run.
         self.encoder.encode(list(dict.fromkeys([*self.prompts, *self.eval_prompts])))
         self.uncond = self.backbone.unconditional()
-        self.table = self.sampler.table(cfg.sampling.num_steps, cfg.sampling.eta)
+        self.table = self.sampler.table(cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.sampler)
         self.timesteps = self.table.timesteps.to(self.device)
+        self.train_steps = train_steps(self.table, cfg.objective.step_window)
         self.buffer = ReplayBuffer(cfg.train.buffer_prompts, cfg.objective.group_size, device=self.device)
         seed, rank = cfg.train.seed, self.dist.rank
         self.generators = {
@@ -188,7 +222,7 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
             "slots": torch.Generator().manual_seed(_mix(seed, rank, 2)),
             "ties": torch.Generator().manual_seed(_mix(seed, rank, 3)),
         }
-        self.cfg_guidance = cfg_enabled(cfg.sampling.guidance)
+        self.cfg_guidance = self.backbone.uses_cfg(cfg.sampling.guidance)
 
     # ------------------------------------------------------------------- helpers
     @property
@@ -234,6 +268,7 @@ class Trainer(UpdateMixin, CheckpointMixin, OutputsMixin):
             num_steps=cfg.sampling.num_steps,
             guidance=cfg.sampling.guidance,
             eta=cfg.sampling.eta,
+            sampler=cfg.sampling.sampler,
             seed=self.rollout_seeds(round_index, len(batch)),
             latent_dtype=LATENT_DTYPES[cfg.sampling.latent_dtype],
         )

@@ -52,7 +52,7 @@ class UpdateMixin:
         """One call of ``module`` (the engine, or a reference UNet) through the backbone on all items
         at their generation steps: (eps_uncond or None, eps_cond)."""
         t = self.timesteps[steps.to(self.device)]
-        return self.backbone(x, t, cond, cfg=self.cfg_guidance, module=module)
+        return self.backbone(x, t, cond, cfg=self.cfg_guidance, module=module, guidance=self.cfg.sampling.guidance)
 
     def _fill_reference(self, slot: torch.Tensor, member: torch.Tensor, step: torch.Tensor, force: bool) -> int:
         """π_init residuals of the items not cached yet: one batched no-grad pass, written to the buffer."""
@@ -96,8 +96,9 @@ class UpdateMixin:
         # collectives), then the backward is skipped
         gap = o.min_reward_gap if eligible else 0.0
         slots = buf.sample_slots(ng, generator=self.generators["slots"], min_reward_gap=gap)
+        window = {} if self.train_steps is None else {"steps": self.train_steps}  # None: the whole chain
         plan = plan_items(ng, G, T, gamma=o.gamma, beta=o.beta, estimator=o.estimator, k=o.k,
-                          generator=self.generators["plan"])
+                          generator=self.generators["plan"], **window)
         ranking = ranking_from_rewards(buf.rewards[slots.to(buf.device)], generator=self.generators["ties"])
         rewards = buf.rewards[slots.to(buf.device)]
         slot, member, step = slots[plan.traj // G], plan.traj % G, plan.step
