@@ -78,7 +78,7 @@ def test_dry_run_prints_the_resolved_config(capsys):
     assert code == 0, err
     cfg = json.loads(out)
     assert cfg["objective"]["gamma"] == 0.8 and cfg["train"]["rounds"] == 3 and cfg["reward"]["name"] == "pickscore"
-    assert cfg["model"]["path"] == "runwayml/stable-diffusion-v1-5"
+    assert cfg["model"]["path"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def test_toy_preset_is_valid_and_small():
