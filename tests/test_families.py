@@ -154,3 +154,16 @@ def test_a_lora_of_another_family_is_refused(tiny_dir, tmp_path):
         dict(fresh.unet.named_parameters())[next(n for n, _ in fresh.unet.named_parameters() if "lora_B" in n)],
         dict(parts.unet.named_parameters())[next(n for n, _ in parts.unet.named_parameters() if "lora_B" in n)],
     )
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (768, 1344), (16, 16)])
+def test_reward_preprocessing_takes_any_resolution(shape):
+    """Rewards see 1024² SDXL / SD3 / FLUX images as they see 512² ones: resized on the short side
+    and centre-cropped to the reward model's input, then normalised."""
+    from fastdense.rewards.adapters import CLIP_MEAN, CLIP_STD, ClipPreprocess
+
+    grey = torch.full((2, 3, *shape), 0.5)
+    out = ClipPreprocess.square(224)(grey)
+    assert out.shape == (2, 3, 224, 224)
+    expected = (0.5 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(out[0, :, 100, 100], expected.float(), atol=1e-5, rtol=0)
