@@ -1,9 +1,14 @@
 """Side-by-side sampler benchmark: our recording sampler vs the same loop without
-recording vs diffusers' ``StableDiffusionPipeline`` (DDIM, eta = 1, output_type="latent"),
-at the same model, batch, steps and guidance; eager and ``torch.compile``d.
+recording vs the family's diffusers pipeline (``output_type="latent"``), at the same model,
+batch, steps and guidance; eager and ``torch.compile``d.
 
-CPU: the tiny test pipeline (fast to build, no download). GPU (``gpu_shapes=True``):
-an SD1.5-shaped UNet (random weights) at 64×64 latents. Used by
+``backbone``: sd (``StableDiffusionPipeline``, DDIM eta 1), sdxl (``StableDiffusionXLPipeline``,
+DDIM eta 1), sd3 (``StableDiffusion3Pipeline``) or flux (``FluxPipeline``); for the flow families
+fastdense samples with the SDE (what training records) and diffusers with its own deterministic
+Euler step: the same model calls per step, so the comparison is of everything around them.
+
+CPU: the family's tiny test pipeline (fast to build, no download). GPU (``gpu_shapes=True``, SD
+only): an SD1.5-shaped UNet (random weights) at 64×64 latents. Used by
 ``fastdense bench sampler`` and ``benchmarks/gpu_check.py``.
 """
 
@@ -44,6 +49,7 @@ class SamplerRow:
     model: str
     record_overhead: float | None = None  # recording / no-recording time - 1
     speedup_vs_diffusers_eager: float | None = None
+    backbone: str = "sd"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,12 +94,38 @@ class PeakMemory:
         return False
 
 
-def build_benchmark_parts(device: torch.device, gpu_shapes: bool, workdir: Path, dtype: torch.dtype):
-    """PipelineParts for the benchmark: the tiny pipeline, or (GPU) an SD1.5-shaped UNet in it."""
-    from fastdense.models import load_pipeline_parts
-    from fastdense.testing import build_tiny_pipeline
+#: each family's tiny offline pipeline (module:function, building a diffusers directory)
+TINY_BUILDERS = {
+    "sd": "fastdense.testing:build_tiny_pipeline",
+    "sdxl": "fastdense.models.tiny_sdxl:build_tiny_sdxl_pipeline",
+    "sd3": "fastdense.models.tiny_sd3:build_tiny_sd3_pipeline",
+    "flux": "fastdense.models.tiny_flux:build_tiny_flux_pipeline",
+}
+BACKBONES = tuple(TINY_BUILDERS)
 
-    path = build_tiny_pipeline(workdir / "tiny", sample_size=16)
+
+def build_tiny_family(backbone: str, root: Path) -> Path:
+    """The tiny offline pipeline of a family, saved under ``root``."""
+    import importlib
+
+    from fastdense.errors import FastdenseError
+
+    if backbone not in TINY_BUILDERS:
+        raise FastdenseError(f"--backbone {backbone} is not allowed; allowed: {', '.join(BACKBONES)}")
+    module, _, name = TINY_BUILDERS[backbone].partition(":")
+    build = getattr(importlib.import_module(module), name)
+    return build(root, sample_size=16) if backbone == "sd" else build(root)
+
+
+def build_benchmark_parts(device: torch.device, gpu_shapes: bool, workdir: Path, dtype: torch.dtype,
+                          backbone: str = "sd"):
+    """PipelineParts for the benchmark: the family's tiny pipeline, or (GPU, SD) an SD1.5-shaped UNet in it."""
+    from fastdense.errors import FastdenseError
+    from fastdense.models import load_pipeline_parts
+
+    if gpu_shapes and backbone != "sd":
+        raise FastdenseError(f"--gpu-shapes is SD1.5's; for --backbone {backbone} use the tiny shapes (--tiny)")
+    path = build_tiny_family(backbone, workdir / "tiny")
     parts = load_pipeline_parts(path, dtype=dtype, device=device)
     if gpu_shapes:
         from diffusers import UNet2DConditionModel
@@ -126,14 +158,32 @@ def bench_prompts(tokenizer, count: int) -> list[str]:
 
 
 def _diffusers_pipeline(parts, compiled: bool):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The family's diffusers pipeline on the same modules (the UNet / transformer maybe compiled)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    unet = torch.compile(parts.unet, dynamic=False) if compiled else parts.unet
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_config(parts.scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
+    denoiser = torch.compile(parts.unet, dynamic=False) if compiled else parts.unet
+    common = dict(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer)
+    extra = {k: v for k, v in parts.extra.items()}
+    if parts.family == "sd":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(**common, unet=denoiser, scheduler=DDIMScheduler.from_config(
+            parts.scheduler_config), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    elif parts.family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(**common, **extra, unet=denoiser,
+                                         scheduler=DDIMScheduler.from_config(parts.scheduler_config))
+    elif parts.family == "sd3":
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline(**common, **extra, transformer=denoiser,
+                                        scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts.scheduler_config))
+    else:
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline(**common, **extra, transformer=denoiser,
+                            scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -149,6 +199,7 @@ def run_sampler_benchmarks(
     compile_modes: Iterable[bool] = (False, True),
     impls: Iterable[str] = ("fastdense", "fastdense_norecord", "diffusers"),
     progress: Callable[[str], None] | None = None,
+    backbone: str = "sd",
 ) -> list[SamplerRow]:
     from fastdense.sampler import Sampler
 
@@ -156,10 +207,13 @@ def run_sampler_benchmarks(
     dtype = torch.float16 if (gpu_shapes and device.type == "cuda") else torch.float32
     rows: list[SamplerRow] = []
     with tempfile.TemporaryDirectory() as tmp:
-        parts = build_benchmark_parts(device, gpu_shapes, Path(tmp), dtype)
+        parts = build_benchmark_parts(device, gpu_shapes, Path(tmp), dtype, backbone)
         prompts = bench_prompts(parts.tokenizer, batch)
-        model_name = "sd15-shaped unet, 64x64 latents" if gpu_shapes else "tiny test pipeline, 16x16 latents"
         h, w = parts.latent_size
+        model_name = ("sd15-shaped unet, 64x64 latents" if gpu_shapes
+                      else f"tiny {backbone} test pipeline, {h}x{w} latents")
+        # the diffusers pipelines' own step: DDIM eta 1 for the UNet families; their Euler ODE for flow models
+        theirs_kw = {"eta": 1.0} if parts.family in ("sd", "sdxl") else {}
         for compiled in compile_modes:
             sampler = Sampler(parts, micro_batch=batch, compile=compiled)
             pipe = _diffusers_pipeline(parts, compiled) if "diffusers" in impls else None
@@ -170,8 +224,8 @@ def run_sampler_benchmarks(
             def theirs(pipe=pipe):
                 gens = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
                 return pipe(prompts, height=h * parts.vae_scale_factor, width=w * parts.vae_scale_factor,
-                            num_inference_steps=steps, guidance_scale=guidance, eta=1.0, generator=gens,
-                            output_type="latent")
+                            num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                            output_type="latent", **theirs_kw)
 
             calls = {
                 "fastdense": lambda: ours(True),
@@ -202,7 +256,7 @@ def run_sampler_benchmarks(
                     impl=impl, compiled=compiled, batch=batch, steps=steps, guidance=guidance,
                     seconds_per_trajectory=total / batch, total_s=total, peak_mem_mb=peaks[impl],
                     mem_kind="cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS growth",
-                    device=device.type, model=model_name,
+                    device=device.type, model=model_name, backbone=backbone,
                 ))
     by_key = {(r.impl, r.compiled): r for r in rows}
     diffusers_eager = by_key.get(("diffusers", False))

@@ -31,6 +31,7 @@ class TrainRow:
     items: int  # (trajectory × step) items per step
     device: str
     speedup_vs_naive: float | None = None
+    backbone: str = "sd"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -133,14 +134,16 @@ def buffer_bytes_rows(num_steps: int = 50, latent=(4, 64, 64), embed=(77, 768), 
 
 
 def run_train_benchmarks(device: torch.device, *, repeats: int = 3, num_steps: int = 10, group_size: int = 4,
-                         k: int = 4, groups_per_step: int = 1, progress=None) -> list[TrainRow]:
+                         k: int = 4, groups_per_step: int = 1, progress=None, backbone: str = "sd") -> list[TrainRow]:
+    """Our training step against the naive one on the family's tiny pipeline (``backbone``: sd,
+    sdxl, sd3, flux; the flow families train on their SDE chain)."""
+    from fastdense.benchmarks.sampler import build_tiny_family
     from fastdense.config import build_config
-    from fastdense.testing import build_tiny_pipeline
     from fastdense.train import Trainer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_tiny_pipeline(Path(tmp) / "tiny", sample_size=16)
+        model = build_tiny_family(backbone, Path(tmp) / "tiny")
         cfg = build_config(overrides=[
             f"model.path={model}", "model.lora_rank=4", f"sampling.num_steps={num_steps}", "sampling.guidance=7.5",
             f"sampling.rollouts_per_prompt={group_size}", f"objective.group_size={group_size}",
@@ -179,7 +182,7 @@ def run_train_benchmarks(device: torch.device, *, repeats: int = 3, num_steps: i
             rows.append(TrainRow(mode=mode, step_seconds=statistics.median(times[mode]), peak_mem_mb=peaks[mode],
                                  mem_kind="cuda max_memory_allocated" if device.type == "cuda"
                                  else "cpu peak RSS growth", unet_calls=calls[mode], items=items,
-                                 device=device.type))
+                                 device=device.type, backbone=backbone))
     naive = next(r for r in rows if r.mode == "naive")
     for r in rows:
         r.speedup_vs_naive = naive.step_seconds / r.step_seconds
