@@ -279,6 +279,42 @@ def test_lora_loads_with_the_pipeline(sdxl_dir, tmp_path):
         assert (w - b).abs().max() > 1e-3  # the LoRA changes the output
 
 
+@pytest.mark.slow
+def test_trained_lora_loads_with_the_pipeline(sdxl_dir, tmp_path):
+    """One round of fastdense training on the tiny SDXL (default LoRA targets): the LoRA it
+    writes loads with StableDiffusionXLPipeline.load_lora_weights and changes the model call as
+    it does in fastdense."""
+    from fastdense.config import build_config
+    from fastdense.rewards import Brightness
+    from fastdense.train import train
+
+    cfg = build_config(overrides=[
+        f"model.path={sdxl_dir}", "model.lora_rank=4", "sampling.num_steps=2", "sampling.guidance=2.0",
+        "sampling.rollouts_per_prompt=2", "objective.group_size=2", "objective.k=2", "objective.clip=inf",
+        "train.rounds=1", "train.updates_per_round=1", "train.prompts_per_round=1", "train.groups_per_step=1",
+        "optim.lr=0.01", "data.prompts=[a red cat, the dog]", "data.eval_prompts=[a red cat]", "data.eval_seeds=[1]",
+    ])
+    result = train(cfg, tmp_path / "run", reward=Brightness(), progress=False)
+    assert result.steps == 1 and result.skipped_updates == 0
+    info = json.loads((result.output / "fastdense_lora.json").read_text())
+    assert info == {"family": "sdxl", "prefix": "unet"}
+
+    parts = load_pipeline_parts(sdxl_dir, lora=result.output)
+    backbone = backbone_for(parts)
+    x = _noise(2, parts.latent_shape)
+    t = torch.tensor(501)
+    got = backbone(x, t, backbone.encode(PROMPTS[:2]), cfg=True)
+    pipe = _pipeline(sdxl_dir)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPTS[:2], device="cpu",
+                                                                   do_classifier_free_guidance=True)
+    base = _pipeline_unet_call(pipe, x, t, embeds, negative, pooled, negative_pooled, parts.image_size)
+    pipe.load_lora_weights(str(result.output))
+    want = _pipeline_unet_call(pipe, x, t, embeds, negative, pooled, negative_pooled, parts.image_size)
+    for g, w, b in zip(got, want, base, strict=True):
+        assert torch.equal(g, w)
+        assert (w - b).abs().max() > 0  # training moved the LoRA off zero
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 
