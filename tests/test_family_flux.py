@@ -267,6 +267,16 @@ def test_ode_sampling_equals_the_pipeline(variant, flux_dir, schnell_dir, pipe, 
     final = unpack_latents(final, LATENT_HW, LATENT_HW)
     assert ((trajectories.final_latents - final).norm() / final.norm()).item() < 1e-5
 
+    # decoded as the pipeline decodes (latents / scaling_factor + shift_factor): the pipeline's images
+    from fastdense.sampler import decode
+
+    images = pipe(
+        PROMPTS, height=RESOLUTION, width=RESOLUTION, num_inference_steps=4, guidance_scale=GUIDANCE,
+        output_type="pt", generator=_generators(SEEDS),
+    ).images
+    assert parts.vae.config.shift_factor != 0
+    torch.testing.assert_close(decode(parts, trajectories.final_latents), images, rtol=0, atol=1e-5)
+
 
 def test_sde_residuals_are_those_of_the_stored_chain(parts):
     """Flow-GRPO SDE chain: each recorded ‖x' − μ‖² is the one recomputed in fp64 from the stored
@@ -291,7 +301,7 @@ def test_sde_residuals_are_those_of_the_stored_chain(parts):
 
 
 def test_lora_on_default_targets_loads_with_the_pipelines_load_lora_weights(flux_dir, tmp_path):
-    from fastdense.lora import add_lora, save_lora
+    from fastdense.lora import add_lora, load_lora, save_lora
 
     parts = _parts(flux_dir)
     backbone = backbone_for(parts)
@@ -316,3 +326,11 @@ def test_lora_on_default_targets_loads_with_the_pipelines_load_lora_weights(flux
         _, velocity = backbone(x, t, cond, cfg=False, guidance=GUIDANCE)
         assert torch.equal(velocity, unpack_latents(out, LATENT_HW, LATENT_HW))
         assert not torch.allclose(out, out_base)  # the LoRA does change the pipeline's model
+
+    # and fastdense loads it back onto a fresh transformer: the same model
+    fresh = _parts(flux_dir)
+    load_lora(fresh.unet, tmp_path / "lora", family="flux")
+    inputs, out = calls[-1]
+    x = unpack_latents(inputs["hidden_states"], LATENT_HW, LATENT_HW)
+    _, velocity = backbone_for(fresh)(x, pipe.scheduler.timesteps[-1], cond, cfg=False, guidance=GUIDANCE)
+    assert torch.equal(velocity, unpack_latents(out, LATENT_HW, LATENT_HW))
