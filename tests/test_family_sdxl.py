@@ -56,10 +56,10 @@ def backbone(parts):
     return backbone_for(parts)
 
 
-def _pipeline(path):
+def _pipeline(path, dtype=torch.float32):
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(path))
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(path), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -183,6 +183,24 @@ def test_cfg_output_equals_the_pipelines_unet_call(parts, backbone, pipe):
     assert torch.equal(eps_u, want_u)
     assert torch.equal(eps_c, want_c)
     assert (eps_u - eps_c).abs().max() > 1e-4  # the halves differ
+
+
+def test_bf16_conditioning_and_model_call_equal_the_pipelines(sdxl_dir):
+    parts = load_pipeline_parts(sdxl_dir, dtype=torch.bfloat16)
+    backbone = backbone_for(parts)
+    pipe = _pipeline(sdxl_dir, dtype=torch.bfloat16)
+    cond = backbone.encode(PROMPTS[:2])
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPTS[:2], device="cpu",
+                                                                   do_classifier_free_guidance=True)
+    assert cond.dtype == embeds.dtype == torch.bfloat16
+    assert torch.equal(cond[:, :-1, : embeds.shape[-1]], embeds)
+    assert torch.equal(cond[:, -1, : pooled.shape[-1]], pooled)
+    x = _noise(2, parts.latent_shape).to(torch.bfloat16)
+    t = torch.tensor(501)
+    got = backbone(x, t, cond, cfg=True)
+    want = _pipeline_unet_call(pipe, x, t, embeds, negative, pooled, negative_pooled, parts.image_size)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w)
 
 
 def test_time_ids_follow_the_latent_size(parts, backbone, pipe):
