@@ -6,6 +6,8 @@
 - :mod:`fastdense.toy.reward`: the ``color_fidelity`` reward;
 - :mod:`fastdense.toy.model`: the model's architecture, tokenizer and diffusers layout;
 - :mod:`fastdense.toy.pretrain`: training it from scratch (``fastdense toy pretrain``);
+- :mod:`fastdense.toy.flow_model`, :mod:`fastdense.toy.flow_pretrain`: the flow-matching (SD3-style)
+  toy model and its pretraining (``fastdense toy pretrain --backbone sd3``);
 - here: the shipped model and its evaluation (:func:`fidelity_scores`, on top of
   :func:`fastdense.evaluate.evaluate`).
 
@@ -19,11 +21,19 @@ maps ``x / 2 + 0.5``). Its held-out colour fidelity with the defaults below
 (DDIM 20 steps, guidance 3, eta 1, the 16 held-out prompts x seeds 1000..1015) is
 0.779 (guidance 1: 0.47, 2: ~0.74, 5: ~0.87), recorded in ``toy_info.json`` next to
 the weights; an untrained model scores ~0.14.
+
+The shipped flow model (:func:`shipped_flow_model_dir`, ``fastdense/toy/weights_flow/``) is the
+same world in SD3's layout (``FastdensePixelSD3Pipeline``: an ``SD3Transformer2DModel`` on the
+[3, 16, 16] pixels, two CLIP text encoders, no T5, no VAE, ``FlowMatchEulerDiscreteScheduler``),
+sampled by default with the ``DEFAULT_FLOW_*`` settings; :func:`sampling_defaults` picks a toy
+model's defaults from its directory. Its held-out fidelity is recorded in its ``toy_info.json``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastdense.errors import FastdenseError
@@ -33,9 +43,17 @@ __all__ = [
     "DEFAULT_GUIDANCE",
     "DEFAULT_STEPS",
     "DEFAULT_ETA",
+    "DEFAULT_FLOW_ETA",
+    "DEFAULT_FLOW_GUIDANCE",
+    "DEFAULT_FLOW_SAMPLER",
+    "DEFAULT_FLOW_STEPS",
+    "ToySampling",
     "evaluate_fidelity",
     "fidelity_scores",
     "is_toy_model",
+    "sampling_defaults",
+    "shipped_flow_model_dir",
+    "shipped_flow_weights_path",
     "shipped_model_dir",
     "shipped_weights_path",
 ]
@@ -44,6 +62,12 @@ __all__ = [
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_ETA = 1.0
+#: Sampling defaults for the flow toy model: Flow-GRPO's SDE (the stochastic sampler that training
+#: needs a density for) with noise level a = 0.7, as Flow-GRPO; steps and guidance measured (BENCHMARKS.md).
+DEFAULT_FLOW_STEPS = 20
+DEFAULT_FLOW_GUIDANCE = 3.0
+DEFAULT_FLOW_SAMPLER = "sde"
+DEFAULT_FLOW_ETA = 0.7
 #: Noise seeds for evaluation (training never uses the sampler's seeds).
 DEFAULT_EVAL_SEEDS: tuple[int, ...] = tuple(range(1000, 1016))
 
@@ -66,6 +90,50 @@ def shipped_model_dir() -> Path:
     return path
 
 
+def shipped_flow_weights_path() -> Path:
+    """Where the shipped flow-matching toy model lives inside the package (whether or not it exists yet)."""
+    from importlib.resources import files
+
+    return Path(str(files("fastdense.toy") / "weights_flow"))
+
+
+def shipped_flow_model_dir() -> Path:
+    """Directory of the shipped flow-matching (SD3-style) toy model (package data, diffusers layout)."""
+    path = shipped_flow_weights_path()
+    if not (path / "model_index.json").is_file():
+        raise FastdenseError(
+            f"the shipped flow toy model is missing ({path} has no model_index.json); "
+            "train one with `fastdense toy pretrain --backbone sd3 --ship`"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class ToySampling:
+    """How a toy model is sampled by default: ``sampler`` None is the scheduler's own (DDIM)."""
+
+    steps: int
+    guidance: float
+    eta: float
+    sampler: str | None = None
+
+
+def sampling_defaults(model_dir: str | Path | None = None) -> ToySampling:
+    """The sampling defaults of a toy model directory (None: the shipped SD toy): the flow ones
+    (``DEFAULT_FLOW_*``) for an SD3-layout flow model, else the DDIM ones."""
+    from fastdense.toy.flow_model import FLOW_PIPELINE_CLASS
+
+    index = None if model_dir is None else Path(model_dir).expanduser() / "model_index.json"
+    if index is not None and index.is_file():
+        try:
+            pipeline = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            pipeline = None  # the loader reports a bad directory in its own words
+        if pipeline == FLOW_PIPELINE_CLASS:
+            return ToySampling(DEFAULT_FLOW_STEPS, DEFAULT_FLOW_GUIDANCE, DEFAULT_FLOW_ETA, DEFAULT_FLOW_SAMPLER)
+    return ToySampling(DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_ETA)
+
+
 def is_toy_model(path: str | Path | None) -> bool:
     """A model made by ``fastdense toy pretrain`` (it writes toy_info.json), or ``None``: the shipped one."""
     return path is None or (Path(path).expanduser() / "toy_info.json").is_file()
@@ -80,11 +148,13 @@ def fidelity_scores(
     eta: float = DEFAULT_ETA,
     *,
     parts=None,
+    sampler: str | None = None,
 ):
     """Colour-fidelity reward ``[len(prompts), len(seeds)]`` (float32) of samples of the model.
 
     Sample ``(i, j)`` is ``prompts[i]`` with noise seed ``seeds[j]``, drawn by
-    :class:`fastdense.sampler.Sampler` (DDIM, ``steps``, CFG ``guidance``, ``eta``), decoded and
+    :class:`fastdense.sampler.Sampler` (``sampler``: None = the scheduler's own, DDIM for the SD toy;
+    ``steps``, CFG ``guidance``, ``eta``: DDIM's η or a flow sampler's noise level), decoded and
     scored by :func:`fastdense.evaluate.evaluate`. ``prompts`` default to
     :data:`fastdense.toy.world.HELDOUT_PROMPTS`. ``parts``: already loaded
     ``PipelineParts`` (``model_dir`` is then ignored).
@@ -102,7 +172,7 @@ def fidelity_scores(
     if parts is None:
         parts = load_pipeline_parts(model_dir)
     result = evaluate(Sampler(parts, compile=False), parts, ColorFidelity(), prompts, seeds,
-                      num_steps=steps, guidance=guidance, eta=eta)
+                      num_steps=steps, guidance=guidance, eta=eta, sampler_kind=sampler)
     return result.scores.float().reshape(len(prompts), len(seeds))  # the reward's float32, exactly
 
 
@@ -113,6 +183,8 @@ def evaluate_fidelity(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     eta: float = DEFAULT_ETA,
+    *,
+    sampler: str | None = None,
 ) -> float:
     """Mean colour fidelity of the model on ``prompts`` x ``seeds`` (see :func:`fidelity_scores`)."""
-    return float(fidelity_scores(model_dir, prompts, seeds, steps, guidance, eta).mean())
+    return float(fidelity_scores(model_dir, prompts, seeds, steps, guidance, eta, sampler=sampler).mean())
