@@ -140,6 +140,8 @@ def test_max_sequence_length_option(tmp_path, parts):
         model_max_sequence_length(tmp_path)
     encoder = SD3PromptEncoder.from_parts(parts, max_sequence_length=5)  # an explicit value wins
     assert encoder.encode(["a red cat"]).shape == (1, CLIP_LENGTH + 5 + 1, TINY_SD3_JOINT_DIM)
+    with pytest.raises(FastdenseError, match="max_sequence_length=0 is not allowed with a T5 encoder"):
+        SD3PromptEncoder.from_parts(parts, max_sequence_length=0)
     with pytest.raises(FastdenseError, match="tokenizer_3 and text_encoder_3, or neither"):
         SD3PromptEncoder(parts.tokenizer, parts.text_encoder, parts.extra["tokenizer_2"],
                          parts.extra["text_encoder_2"], parts.extra["tokenizer_3"], None, joint_attention_dim=48)
@@ -148,19 +150,20 @@ def test_max_sequence_length_option(tmp_path, parts):
 # -- 2. conditioning ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["t5", "no_t5"])
-def test_conditioning_equals_encode_prompt(which, request):
-    parts = request.getfixturevalue("parts" if which == "t5" else "pixel_parts")
+@pytest.mark.parametrize(("which", "t5_length"), [("parts", T5_LENGTH), ("pixel_parts", T5_LENGTH), ("pixel_parts", 0)],
+                         ids=["t5", "no_t5", "no_t5_rows"])
+def test_conditioning_equals_encode_prompt(which, t5_length, request):
+    parts = request.getfixturevalue(which)
     pipe = _pipeline(parts)
-    backbone = backbone_for(parts)
+    backbone = SD3Backbone.from_parts(parts, encoder=SD3PromptEncoder.from_parts(parts, max_sequence_length=t5_length))
     with torch.no_grad():
         embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
             PROMPTS, None, None, device=torch.device("cpu"), do_classifier_free_guidance=True,
-            max_sequence_length=T5_LENGTH,
+            max_sequence_length=t5_length,
         )
     cond = backbone.encode(PROMPTS)
     uncond = backbone.unconditional()
-    length = CLIP_LENGTH + T5_LENGTH
+    length = CLIP_LENGTH + t5_length
     assert embeds.shape == (3, length, TINY_SD3_JOINT_DIM) and pooled.shape == (3, TINY_SD3_POOLED)
     assert cond.shape == (3, length + 1, TINY_SD3_JOINT_DIM) and cond.dtype == embeds.dtype
     assert torch.equal(cond[:, :length], embeds)
@@ -171,7 +174,7 @@ def test_conditioning_equals_encode_prompt(which, request):
     with torch.no_grad():
         _, neg_embeds_1, _, neg_pooled_1 = pipe.encode_prompt(
             PROMPTS[:1], None, None, device=torch.device("cpu"), do_classifier_free_guidance=True,
-            max_sequence_length=T5_LENGTH,
+            max_sequence_length=t5_length,
         )
     assert torch.equal(uncond[:length], neg_embeds_1[0])
     assert torch.equal(uncond[length, :TINY_SD3_POOLED], neg_pooled_1[0])
@@ -261,11 +264,18 @@ def _sampler(parts):
     return Sampler(parts)
 
 
-def test_ode_final_latents_equal_the_pipeline(parts, pipe):
+@pytest.mark.parametrize("which", ["parts", "pixel_parts"], ids=["t5_vae", "no_t5_pixel"])
+def test_ode_final_latents_equal_the_pipeline(which, request):
+    parts = request.getfixturevalue(which)
+    if which == "parts":  # the pipeline as diffusers loads the directory
+        pipe = request.getfixturevalue("pipe")
+        height, width = parts.image_size
+    else:  # diffusers has no pixel-space SD3: the pipeline object without a VAE takes latent size · 8
+        pipe = _pipeline(parts)
+        height, width = (side * pipe.vae_scale_factor for side in parts.latent_size)
     sampler = _sampler(parts)
     traj = sampler.sample(PROMPTS[:2], num_steps=4, guidance=GUIDANCE, sampler="ode", seed=10)
     generators = [torch.Generator().manual_seed(10 + i) for i in range(2)]
-    height, width = parts.image_size
     with torch.no_grad():
         ref = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=GUIDANCE, output_type="latent",
                    generator=generators, height=height, width=width, max_sequence_length=T5_LENGTH).images
@@ -355,3 +365,45 @@ def test_lora_loads_with_the_pipeline(parts, sd3_dir, tmp_path):
     assert float((ours - base).abs().max()) > 1e-3  # the adapter is not a no-op
     torch.testing.assert_close(theirs, ours, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(again, ours, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_conditioning_and_model_call_equal_the_pipeline(sd3_dir):
+    parts = load_pipeline_parts(sd3_dir, dtype=torch.bfloat16)
+    pipe = _pipeline(parts)
+    backbone = backbone_for(parts)
+    assert backbone.dtype == torch.bfloat16
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            PROMPTS[:2], None, None, device=torch.device("cpu"), do_classifier_free_guidance=False,
+            max_sequence_length=T5_LENGTH,
+        )
+        cond = backbone.encode(PROMPTS[:2])
+        length = CLIP_LENGTH + T5_LENGTH
+        assert cond.dtype == embeds.dtype == torch.bfloat16
+        assert torch.equal(cond[:, :length], embeds) and torch.equal(cond[:, length, :TINY_SD3_POOLED], pooled)
+        x = torch.randn((2, *parts.latent_shape), generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        t = torch.tensor(602.15, dtype=torch.float32)  # the scheduler's float32 timestep, as the pipeline passes it
+        ref = pipe.transformer(hidden_states=x, timestep=t.expand(2), encoder_hidden_states=embeds,
+                               pooled_projections=pooled, return_dict=False)[0]
+        none_u, out = backbone(x, t, cond, cfg=False)
+    assert none_u is None and out.dtype == torch.bfloat16
+    assert torch.equal(out, ref)
+
+
+def test_conditioning_unpacked_once_per_batch_and_again_after_a_change(parts):
+    backbone = backbone_for(parts)
+    cond = backbone.encode(PROMPTS[:2])
+    x = torch.randn((2, *parts.latent_shape), generator=torch.Generator().manual_seed(2))
+    t = torch.tensor(500.0)
+    batch = backbone.batch(cond, cfg=True)
+    batch.load(x)
+    with torch.no_grad():
+        first = backbone.output(batch, t)
+        tokens = backbone._unpacked[2]
+        again = backbone.output(batch, t)
+        assert backbone._unpacked[2] is tokens  # the same unpacked rows for the next step
+        batch.context[batch.rows :].copy_(backbone.encode(PROMPTS[1:3]))  # rewritten in place: new prompts
+        changed = backbone.output(batch, t)
+        fresh = backbone(x, t, backbone.encode(PROMPTS[1:3]), cfg=True)
+    assert torch.equal(first[1], again[1])
+    assert torch.equal(changed[1], fresh[1]) and not torch.equal(changed[1], first[1])

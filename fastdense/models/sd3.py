@@ -15,7 +15,7 @@ denoising loop's transformer call), so that fastdense's samples equal the pipeli
 - the negative conditioning is the empty prompt ``""`` through all encoders (the pipeline's default).
 
 A model directory may set ``max_sequence_length`` in its ``fastdense.json``
-(``{"max_sequence_length": N}``; the toy flow model uses a small one); otherwise 256.
+(``{"max_sequence_length": N}``; the toy flow model, which has no T5, sets 0: no T5 rows); otherwise 256.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ MODEL_OPTIONS_FILE = "fastdense.json"  # in a model directory (also names its de
 
 
 def _check_max_sequence_length(value: Any, where: str = "max_sequence_length") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQUENCE_LENGTH_LIMIT:
+    """An int in [0, 512] (0: no T5 rows at all, for models without T5; the pipeline refuses more than 512)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQUENCE_LENGTH_LIMIT:
         raise FastdenseError(
-            f"{where}={value!r} is not allowed; allowed: an int in [1, {MAX_SEQUENCE_LENGTH_LIMIT}] "
-            "(StableDiffusion3Pipeline refuses more)"
+            f"{where}={value!r} is not allowed; allowed: an int in [0, {MAX_SEQUENCE_LENGTH_LIMIT}] "
+            "(0 only without T5; StableDiffusion3Pipeline refuses more than 512)"
         )
     return value
 
@@ -99,6 +100,8 @@ class SD3PromptEncoder(EmbeddingCache):
         self.text_encoder_3 = text_encoder_3
         self.joint_attention_dim = int(joint_attention_dim)
         self.max_sequence_length = _check_max_sequence_length(max_sequence_length)
+        if self.max_sequence_length == 0 and text_encoder_3 is not None:
+            raise FastdenseError("max_sequence_length=0 is not allowed with a T5 encoder; allowed: 1 to 512")
         # the pipeline pads both CLIP prompts to the first tokenizer's length
         self.clip_length = int(tokenizer.model_max_length)
 
@@ -195,6 +198,8 @@ class SD3Backbone(ConditionedBackbone):
         self.pooled_dim = int(config.pooled_projection_dim)
         self.patch_size = int(config.patch_size)
         self.scheduler_config = dict(scheduler_config or {})
+        # (context, its version, tokens, pooled) of the last batch: its conditioning unpacked once
+        self._unpacked: tuple[Tensor, int, Tensor, Tensor] | None = None
 
     @classmethod
     def from_parts(cls, parts, *, module: Any = None, encoder: Any = None) -> SD3Backbone:
@@ -210,8 +215,20 @@ class SD3Backbone(ConditionedBackbone):
         height, width = int(latent_shape[-2]), int(latent_shape[-1])
         return {"image_seq_len": (height // self.patch_size) * (width // self.patch_size), "style": "sd3"}
 
+    def _conditioning(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """(tokens, pooled) of packed rows, contiguous as the pipeline passes them: a strided view
+        changes the text projection's rounding in bf16. Unpacked once per batch (the sampler calls the
+        model T times on one batch); an in-place change of the context bumps its version: unpacked again."""
+        cached = self._unpacked
+        if cached is not None and cached[0] is context and cached[1] == context._version:
+            return cached[2], cached[3]
+        tokens, pooled = unpack_conditioning(context, self.token_dim, self.pooled_dim)
+        tokens, pooled = tokens.contiguous(), pooled.contiguous()
+        self._unpacked = (context, context._version, tokens, pooled)
+        return tokens, pooled
+
     def forward(self, module: Any, x: Tensor, t: Tensor, batch: CFGBatch) -> Tensor:
-        tokens, pooled = unpack_conditioning(batch.context, self.token_dim, self.pooled_dim)
+        tokens, pooled = self._conditioning(batch.context)
         timestep = t.expand(x.shape[0]) if t.dim() == 0 else t
         return module(
             hidden_states=x,
