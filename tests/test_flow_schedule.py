@@ -2,7 +2,6 @@
 (ODE) and the published Flow-GRPO SDE / coefficients-preserving (CPS) updates, written out here in fp64;
 make_step_table's dispatch and every refusal."""
 
-import importlib.util
 import math
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.utils import is_scipy_available
 
 from fastdense.errors import FastdenseError
 from fastdense.schedule import (
@@ -144,7 +144,7 @@ def test_ode_matches_diffusers_step(config, style, image_seq_len, num_steps):
         {"time_shift_type": "linear", "use_dynamic_shifting": True},
         pytest.param(
             {"use_beta_sigmas": True},
-            marks=pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="beta sigmas need scipy"),
+            marks=pytest.mark.skipif(not is_scipy_available(), reason="beta sigmas need scipy"),
         ),
     ],
     ids=lambda c: ",".join(c),
@@ -366,7 +366,7 @@ def test_refuses_bad_sigmas_and_missing_mu():
         flow_step_table(3.0, 10)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("scipy") is not None, reason="scipy is installed")
+@pytest.mark.skipif(is_scipy_available(), reason="scipy is installed")
 def test_beta_sigmas_without_scipy_is_one_line():
     with pytest.raises(FastdenseError, match="scipy"):
         flow_step_table({**SD3_CONFIG, "use_beta_sigmas": True}, 10)
