@@ -11,7 +11,8 @@ components and writes it with the pipeline's own ``save_pretrained``, so the dir
     text_encoder_3/   T5EncoderModel (d_model 48, 2 layers), only when ``with_t5``
     tokenizer/        CLIPTokenizer, window ``max_length``, pads with <|endoftext|>
     tokenizer_2/      CLIPTokenizer, other token ids, window ``max_length + 4``, pads with "!"
-    tokenizer_3/      T5Tokenizer (a Unigram vocabulary of a few words and characters), only with T5
+    tokenizer_3/      T5 tokenizer (a Unigram vocabulary of a few words and the ASCII characters:
+                      tiny_flux.write_t5_tokenizer), only with T5
     scheduler/        FlowMatchEulerDiscreteScheduler(shift=3.0), SD3's
     vae/              AutoencoderKL, 16 latent channels, SD3's shift/scale, 2 levels (scale
                       factor 2), only when ``with_vae``
@@ -26,7 +27,6 @@ the pipeline tokenizes with each CLIP's own tokenizer but pads both to the FIRST
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 from fastdense.errors import FastdenseError
@@ -36,7 +36,6 @@ __all__ = [
     "TINY_SD3_POOLED",
     "TINY_SD3_WORDS",
     "build_tiny_sd3_pipeline",
-    "write_t5_tokenizer",
 ]
 
 TINY_SD3_HIDDEN = 16  # text_encoder (CLIP-L's 768)
@@ -46,21 +45,6 @@ TINY_SD3_POOLED = TINY_SD3_HIDDEN + TINY_SD3_HIDDEN_2  # pooled_projection_dim (
 TINY_SD3_WORDS = ("a", "red", "green", "blue", "cat", "dog", "photo", "of", "the", "and", "on", "grass")
 #: the transformer's positional table covers latents up to this many patches a side
 _POS_EMBED_MAX = 16
-
-
-def write_t5_tokenizer(directory: str | Path, words=TINY_SD3_WORDS, *, max_length: int = 512):
-    """An offline T5 tokenizer (transformers' ``T5Tokenizer`` on a ``tokenizers`` Unigram model):
-    ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, the word-start mark, ``words`` as whole pieces, then single
-    letters and digits so any lowercase text tokenizes; saved with ``save_pretrained`` in
-    ``directory``. Returns it loaded back."""
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + word, -5.0) for word in words]
-    pieces += [(char, -10.0) for char in string.ascii_lowercase + string.digits]
-    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
-    tokenizer.save_pretrained(str(directory))
-    return T5Tokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
 def build_tiny_sd3_pipeline(
@@ -102,6 +86,7 @@ def build_tiny_sd3_pipeline(
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+    from fastdense.models.tiny_flux import write_t5_tokenizer  # the one offline T5 tokenizer builder
     from fastdense.testing import write_clip_tokenizer
 
     root = Path(root)
@@ -111,7 +96,7 @@ def build_tiny_sd3_pipeline(
     # the same words in the other order: other token ids (a swapped tokenizer shows)
     tokenizer_2 = write_clip_tokenizer(root / "tokenizer_2", words=TINY_SD3_WORDS[::-1], max_length=max_length + 4)
     tokenizer_2.pad_token = "!"  # as SD3's (and SDXL's) second tokenizer
-    tokenizer_3 = write_t5_tokenizer(root / "tokenizer_3") if with_t5 else None
+    tokenizer_3 = write_t5_tokenizer(root / "tokenizer_3", TINY_SD3_WORDS) if with_t5 else None
 
     def clip_config(tok, hidden: int) -> CLIPTextConfig:
         vocab = tok.get_vocab()
