@@ -54,10 +54,10 @@ def backbone(parts):
     return backbone_for(parts)
 
 
-def _pipeline(path):
+def _pipeline(path, **kwargs):
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(str(path))
+    pipe = FluxPipeline.from_pretrained(str(path), **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -221,6 +221,25 @@ def test_model_output_equals_the_pipelines_transformer_call(variant, flux_dir, s
         # one timestep per row (the trainer's form) is the same call
         _, per_row = backbone(x, t.expand(2).clone(), cond, cfg=False, guidance=GUIDANCE)
         assert torch.equal(per_row, expected)
+
+
+def test_bf16_conditioning_and_model_call_equal_the_pipelines(flux_dir):
+    """In bf16 too: conditioning, timestep (t/1000 in the latents' dtype), fp32 guidance and ids."""
+    parts = load_pipeline_parts(flux_dir, resolution=RESOLUTION, dtype=torch.bfloat16)
+    backbone = backbone_for(parts)
+    pipe = _pipeline(flux_dir, dtype=torch.bfloat16)
+    with torch.no_grad():
+        prompt_embeds, pooled, _ = pipe.encode_prompt(PROMPTS)
+    cond = backbone.encode(PROMPTS)
+    assert cond.dtype == torch.bfloat16
+    tokens, pooled_row = unpack_conditioning(cond, backbone.token_dim, backbone.pooled_dim)
+    assert torch.equal(tokens, prompt_embeds) and torch.equal(pooled_row, pooled)
+    calls, _, _ = _run_recording(pipe, PROMPTS, SEEDS, num_steps=2)
+    for (inputs, out), t in zip(calls, pipe.scheduler.timesteps, strict=True):
+        x = unpack_latents(inputs["hidden_states"], LATENT_HW, LATENT_HW)
+        assert x.dtype == torch.bfloat16
+        _, velocity = backbone(x, t, cond, cfg=False, guidance=GUIDANCE)
+        assert torch.equal(velocity, unpack_latents(out, LATENT_HW, LATENT_HW))
 
 
 def test_guidance_is_an_input_of_dev(backbone):
