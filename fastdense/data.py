@@ -126,7 +126,8 @@ def resolve_model_path(path: str | None) -> str | Path:
 
 
 def model_prompt_defaults(model_path: str | Path | None) -> dict[str, str]:
-    """The default prompt sources a local model directory names in its ``fastdense.json`` ({} if none)."""
+    """The default prompt sources a local model directory names in its ``fastdense.json`` ({} if none;
+    the file's other keys are model options, not read here)."""
     if model_path is None:
         return {}
     path = Path(model_path).expanduser() / MODEL_DEFAULTS_FILE
@@ -136,10 +137,11 @@ def model_prompt_defaults(model_path: str | Path | None) -> dict[str, str]:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise FastdenseError(f"{path} cannot be read as JSON ({one_line(err)})") from None
-    allowed = {"train_prompts", "eval_prompts"}
-    if not (isinstance(values, dict) and set(values) <= allowed and all(isinstance(v, str) for v in values.values())):
-        raise FastdenseError(f"{path} must be a JSON object with prompt sources (strings) under {sorted(allowed)}")
-    return values
+    keys = ("train_prompts", "eval_prompts")
+    # other keys are the model's options, read (and checked) where they are used (e.g. SD3's max_sequence_length)
+    if not (isinstance(values, dict) and all(isinstance(values[k], str) for k in keys if k in values)):
+        raise FastdenseError(f"{path} must be a JSON object with prompt sources (strings) under {list(keys)}")
+    return {k: values[k] for k in keys if k in values}
 
 
 def load_prompts(cfg: Config, model_path: str | Path | None = None) -> tuple[list[str], list[str]]:

@@ -167,3 +167,16 @@ def test_reward_preprocessing_takes_any_resolution(shape):
     assert out.shape == (2, 3, 224, 224)
     expected = (0.5 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     torch.testing.assert_close(out[0, :, 100, 100], expected.float(), atol=1e-5, rtol=0)
+
+
+def test_model_defaults_file_keeps_prompt_sources_and_model_options_apart(tmp_path):
+    """fastdense.json names default prompts and may carry model options (SD3's T5 length): the
+    prompt reader takes its keys and leaves the rest; bad prompt sources are still refused."""
+    from fastdense.data import model_prompt_defaults
+
+    (tmp_path / "fastdense.json").write_text(json.dumps(
+        {"train_prompts": "fastdense.toy.world:train_prompts", "max_sequence_length": 0}))
+    assert model_prompt_defaults(tmp_path) == {"train_prompts": "fastdense.toy.world:train_prompts"}
+    (tmp_path / "fastdense.json").write_text(json.dumps({"eval_prompts": 3}))
+    with pytest.raises(FastdenseError, match="prompt sources"):
+        model_prompt_defaults(tmp_path)
