@@ -138,9 +138,12 @@ def model_prompt_defaults(model_path: str | Path | None) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise FastdenseError(f"{path} cannot be read as JSON ({one_line(err)})") from None
     keys = ("train_prompts", "eval_prompts")
-    # other keys are the model's options, read (and checked) where they are used (e.g. SD3's max_sequence_length)
-    if not (isinstance(values, dict) and all(isinstance(values[k], str) for k in keys if k in values)):
-        raise FastdenseError(f"{path} must be a JSON object with prompt sources (strings) under {list(keys)}")
+    # model options live there too, read (and checked) where they are used: SD3's T5 length
+    options = ("max_sequence_length",)
+    if not (isinstance(values, dict) and set(values) <= {*keys, *options}
+            and all(isinstance(values[k], str) for k in keys if k in values)):
+        raise FastdenseError(f"{path} must be a JSON object with prompt sources (strings) under {list(keys)} "
+                             f"and model options under {list(options)}")
     return {k: values[k] for k in keys if k in values}
 
 
