@@ -180,3 +180,49 @@ def test_model_defaults_file_keeps_prompt_sources_and_model_options_apart(tmp_pa
     (tmp_path / "fastdense.json").write_text(json.dumps({"eval_prompts": 3}))
     with pytest.raises(FastdenseError, match="prompt sources"):
         model_prompt_defaults(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_trained_flow_lora_loads_in_the_pipeline(family, tmp_path):
+    """One round of `train()` on the family's tiny model (its SDE chain, default LoRA targets): the
+    LoRA it writes loads with the diffusers pipeline's load_lora_weights, and the pipeline's
+    transformer then gives what fastdense's does with the same LoRA (through the same backbone call)."""
+    import diffusers
+
+    from fastdense.benchmarks.sampler import build_tiny_family
+    from fastdense.models.families import backbone_for, family_named
+    from fastdense.rewards import Brightness
+    from fastdense.train import train
+
+    model = build_tiny_family(family, tmp_path / "model")
+    cfg = build_config(overrides=[
+        f"model.path={model}", "model.lora_rank=4", "sampling.num_steps=3", "sampling.guidance=2.0",
+        "sampling.eta=0.7", "sampling.rollouts_per_prompt=2", "objective.group_size=2", "objective.k=2",
+        "objective.clip=inf", "train.rounds=1", "train.updates_per_round=1", "train.prompts_per_round=1",
+        "train.groups_per_step=1", "optim.lr=0.05", "data.prompts=[a red cat, the dog]",
+        "data.eval_prompts=[a red cat]", "data.eval_seeds=[1]",
+    ])
+    result = train(cfg, tmp_path / "run", reward=Brightness(), progress=False)
+    assert result.steps == 1 and result.skipped_updates == 0
+    assert json.loads((result.output / "fastdense_lora.json").read_text()) == {"family": family,
+                                                                              "prefix": "transformer"}
+    parts = load_pipeline_parts(model, lora=result.output)
+    backbone = backbone_for(parts)
+    index = json.loads((model / "model_index.json").read_text())
+    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(str(model))
+    x = torch.randn((2, *parts.latent_shape), generator=torch.Generator().manual_seed(3))
+    t = torch.tensor(700.0)
+    cond = backbone.encode(["a red cat", "the dog"])
+    cfg_on = backbone.uses_cfg(2.0)
+    base = backbone(x, t, cond, cfg=cfg_on, guidance=2.0, module=pipe.transformer)
+    pipe.load_lora_weights(str(result.output))
+    theirs = backbone(x, t, cond, cfg=cfg_on, guidance=2.0, module=pipe.transformer)
+    ours = backbone(x, t, cond, cfg=cfg_on, guidance=2.0)
+    assert family_named(family).denoiser == "transformer"
+    for o, th, b in zip(ours, theirs, base, strict=True):
+        if o is None:
+            assert th is None and b is None
+            continue
+        torch.testing.assert_close(th, o, rtol=1e-6, atol=1e-7)
+        assert (th - b).abs().max() > 0  # training moved the LoRA off zero
