@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fastdense.benchmarks.roofline import ddim_step_min_bytes, log_ratio_min_bytes
 from fastdense.benchmarks.timing import count_cuda_kernels, time_once_ms
 from fastdense.devices import DTYPES
 
@@ -109,12 +110,8 @@ def log_ratio_call(impl: str, inp: LogRatioInputs) -> Callable[[], torch.Tensor]
 
 
 def _min_bytes_log_ratio(inp: LogRatioInputs) -> tuple[int, int]:
-    n, d = inp.x.shape[0], inp.x[0].numel()
-    eps_b, state_b = inp.eps_u.element_size(), inp.x.element_size()
-    small = n * (4 * 6 + 8) + inp.num_traj * 4  # per-item scalars + index in, logits out
-    fwd = n * d * (2 * eps_b + 2 * state_b) + small
-    bwd = n * d * (2 * eps_b + 2 * state_b) + n * d * 2 * eps_b + small
-    return fwd, bwd
+    return log_ratio_min_bytes(inp.x.shape[0], inp.x[0].numel(), inp.eps_u.element_size(), inp.x.element_size(),
+                               num_traj=inp.num_traj)
 
 
 @dataclass
@@ -125,8 +122,8 @@ class TimedCase:
     make_row: Callable[[dict[str, float]], KernelRow]
 
 
-def log_ratio_case(impl: str, n: int, dtype_name: str, device: torch.device) -> TimedCase:
-    inp = make_log_ratio_inputs(n, DTYPES[dtype_name], device)
+def log_ratio_case(impl: str, n: int, dtype_name: str, device: torch.device, shape=LATENT_SHAPE) -> TimedCase:
+    inp = make_log_ratio_inputs(n, DTYPES[dtype_name], device, shape=shape)
     for t in (inp.eps_u, inp.eps_c):
         t.requires_grad_(True)
     call = log_ratio_call(impl, inp)
@@ -173,16 +170,17 @@ def log_ratio_case(impl: str, n: int, dtype_name: str, device: torch.device) -> 
     )
 
 
-def ddim_step_case(impl: str, n: int, dtype_name: str, device: torch.device) -> TimedCase:
-    """The sampling-step op: reads ε_u, ε_c, x, z, writes x' (fp32 slot) and one scalar per sample."""
+def ddim_step_call(impl: str, n: int, dtype_name: str, device: torch.device, shape=LATENT_SHAPE):
+    """A no-argument call of one DDIM step on ``n`` items (``naive``: the eager CFG + DDIM step
+    written the obvious way; else ``impl`` of the fused op), and its model-output tensor."""
     from fastdense.kernels.ddim_step import ddim_step
 
     dtype = DTYPES[dtype_name]
     g = torch.Generator(device="cpu").manual_seed(1)
-    shape = (n, *LATENT_SHAPE)
-    eps_u, eps_c = (torch.randn(*shape, generator=g).to(device, dtype) for _ in range(2))
-    x, z = (torch.randn(*shape, generator=g).to(device) for _ in range(2))
-    buffer = torch.empty(n, 3, *LATENT_SHAPE, device=device)
+    full = (n, *shape)
+    eps_u, eps_c = (torch.randn(*full, generator=g).to(device, dtype) for _ in range(2))
+    x, z = (torch.randn(*full, generator=g).to(device) for _ in range(2))
+    buffer = torch.empty(n, 3, *shape, device=device)
     out = buffer[:, 1]
     if impl == "naive":
         def call():
@@ -193,8 +191,14 @@ def ddim_step_case(impl: str, n: int, dtype_name: str, device: torch.device) -> 
     else:
         def call():
             return ddim_step(x, eps_c, eps_u, z, 0.99, -0.07, 0.1, 7.5, out, impl=impl)
-    d = math.prod(LATENT_SHAPE)
-    min_fwd = n * d * (2 * eps_u.element_size() + 3 * 4) + n * 4
+    return call, eps_u
+
+
+def ddim_step_case(impl: str, n: int, dtype_name: str, device: torch.device, shape=LATENT_SHAPE) -> TimedCase:
+    """The sampling-step op: reads ε_u, ε_c, x, z, writes x' (fp32 slot) and one scalar per sample."""
+    call, eps_u = ddim_step_call(impl, n, dtype_name, device, shape)
+    d = math.prod(shape)
+    min_fwd = ddim_step_min_bytes(n, d, eps_u.element_size())
 
     def make_row(ms: dict[str, float]) -> KernelRow:
         return KernelRow(
@@ -223,6 +227,7 @@ def run_kernel_benchmarks(
     repeats: int = 10,
     warmup: int = 2,
     progress: Callable[[str], None] | None = None,
+    shape: tuple[int, ...] = LATENT_SHAPE,
 ) -> list[KernelRow]:
     """Median times per cell; the implementations of one (op, dtype, n) are timed round-robin,
     repeat by repeat, so that drift of a shared machine hits them alike."""
@@ -234,7 +239,7 @@ def run_kernel_benchmarks(
             for n in ns:
                 if progress is not None:
                     progress(f"{op} {dtype_name} n={n}: {', '.join(impls)}")
-                cases = {impl: make_case(impl, n, dtype_name, device) for impl in impls}
+                cases = {impl: make_case(impl, n, dtype_name, device, shape) for impl in impls}
                 for case in cases.values():
                     for fn, setup in case.phases.values():
                         for _ in range(warmup):
@@ -255,3 +260,94 @@ def run_kernel_benchmarks(
                 rows.extend(cell)
                 del cases
     return rows
+
+
+# ------------------------------------------------------------------------------------ traffic
+
+
+@dataclass
+class Traffic:
+    """Memory traffic of a call as eager torch runs it: every aten op reads its inputs and writes
+    its outputs once (views are free; an expanded input counts its storage, not its view)."""
+
+    bytes_big: int = 0  # traffic of tensors of at least ``item_bytes`` (the per-item arrays)
+    bytes_all: int = 0
+    launches: int = 0  # ops that produce a tensor (one kernel each on a GPU), host syncs excluded
+    syncs: int = 0  # aten._local_scalar_dense / is_nonzero: a device-to-host wait
+    ops: list[str] | None = None
+
+
+_SYNC_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item")
+
+
+def count_traffic(fn: Callable[[], object], item_elems: int) -> Traffic:
+    """Run ``fn`` under a dispatch mode that adds up the bytes each aten op reads and writes.
+
+    ``item_elems``: D, the size of one item; a tensor counts towards ``bytes_big`` when its own
+    traffic is at least D elements (so the per-item scalars, < 0.1 % at SD1.5 shapes, do not).
+    Runs on any device; backward ops are seen when ``fn`` calls ``backward`` (CPU autograd runs
+    on the calling thread).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    traffic = Traffic(ops=[])
+
+    def nbytes(t: torch.Tensor) -> int:
+        return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+    class _Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name = str(func)
+            if name.startswith(_SYNC_OPS):
+                traffic.syncs += 1
+                return out
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if not outs or any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+                return out  # a view, or no tensor produced: no kernel, no traffic
+            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            for t in ins + outs:
+                b = nbytes(t)
+                traffic.bytes_all += b
+                if b >= item_elems * t.element_size():
+                    traffic.bytes_big += b
+            traffic.launches += 1
+            traffic.ops.append(name)
+            return out
+
+    with _Counter():
+        fn()
+    return traffic
+
+
+def naive_traffic(op: str, dtype_name: str, shape=(4, 8, 8), n: int = 4) -> dict[str, Traffic]:
+    """Traffic of the naive baseline cell of the benchmark (on CPU, at small shapes: the counts
+    per element of N·D do not depend on them): ``{"fwd", "bwd"}`` for log_ratio, ``{"fwd"}`` for
+    ddim_step. The forward runs with ε requiring grad, as the benchmark times it."""
+    device = torch.device("cpu")
+    d = math.prod(shape)
+    if op == "ddim_step":
+        call, _ = ddim_step_call("naive", n, dtype_name, device, shape)
+        return {"fwd": count_traffic(call, d)}
+    case = log_ratio_case("naive", n, dtype_name, device, shape)
+    out = {}
+    for phase in ("fwd", "bwd"):
+        fn, setup = case.phases[phase]
+        if setup is not None:
+            setup()
+        out[phase] = count_traffic(fn, d)
+    return out
+
+
+def naive_traffic_table(shape=(4, 8, 8), n: int = 4) -> dict[tuple[str, str, str], tuple[float, int, int]]:
+    """``{(op, dtype, dir): (bytes per element of N·D, launches, syncs)}``: the numbers behind
+    ``roofline.NAIVE_TRAFFIC`` (which a test compares with this count)."""
+    d = math.prod(shape)
+    table = {}
+    for op in ("log_ratio", "ddim_step"):
+        for dtype_name in ("fp32", "bf16", "fp16"):
+            for phase, t in naive_traffic(op, dtype_name, shape, n).items():
+                table[(op, dtype_name, phase)] = (t.bytes_big / (n * d), t.launches, t.syncs)
+    return table

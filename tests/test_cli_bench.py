@@ -65,6 +65,10 @@ def test_env_json_names_dispatch():
     (["bench", "kernels", "--bogus"], "No such option"),
     (["bench", "sampler", "--device", "cpu", "--batch", "0"], "--batch 0"),
     (["profile", "kernels", "--device", "cpu", "--dtype", "int8"], "--dtype 'int8'"),
+    (["bench", "kernels", "--model", "x100"], "--model 'x100'"),
+    (["bench", "scaling", "--gpu", "v100"], "--gpu 'v100'"),
+    (["bench", "scaling", "--gpus", "8,0"], "--gpus '8,0'"),
+    (["bench", "gpu-check", "--model", "b200"], "--model 'b200'"),
 ])
 def test_bad_arguments_are_one_line_errors(args, needle):
     res = subprocess.run([*FASTDENSE, *args], capture_output=True, text=True)
