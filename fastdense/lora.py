@@ -72,11 +72,11 @@ def add_lora(unet, rank: int, alpha: float | None, targets: list[str], *, seed: 
         except ValueError as err:
             msg = " ".join(str(err).split())[:200]
             raise FastdenseError(
-                f"model.lora_targets={list(targets)!r} do not fit this UNet ({msg}); "
-                "allowed: names of its linear layers, e.g. to_q, to_k, to_v, to_out.0"
+                f"model.lora_targets={list(targets)!r} do not fit this model ({msg}); "
+                "allowed: names of its linear layers, e.g. to_q, to_k, to_v, to_out.0 (null: the family's default)"
             ) from None
     if not any(p.requires_grad for p in unet.parameters()):
-        raise FastdenseError(f"model.lora_targets={list(targets)!r} match no layer of this UNet")
+        raise FastdenseError(f"model.lora_targets={list(targets)!r} match no layer of this model")
 
 
 def trainable_parameters(module) -> list[torch.nn.Parameter]:
@@ -236,9 +236,11 @@ def load_lora(unet, lora: str | Path, *, adapter_name: str = LORA_ADAPTER, famil
         raise
     except Exception as err:
         msg = " ".join(str(err).split())[:300]
-        raise FastdenseError(f"LoRA weights {weight_file} do not fit this UNet ({type(err).__name__}: {msg})") from None
+        raise FastdenseError(
+            f"LoRA weights {weight_file} do not fit this model ({type(err).__name__}: {msg})"
+        ) from None
     if adapter_name not in (getattr(unet, "peft_config", None) or {}):
-        raise FastdenseError(f"LoRA weights {weight_file} hold no layers of this UNet")
+        raise FastdenseError(f"LoRA weights {weight_file} hold no layers of this model")
     return adapter_name
 
 
@@ -285,9 +287,11 @@ def _load_peft_format(unet, state: dict, config: dict, adapter_name: str, weight
         result = set_peft_model_state_dict(unet, cleaned, adapter_name=adapter_name)
     except Exception as err:
         msg = " ".join(str(err).split())[:300]
-        raise FastdenseError(f"LoRA weights {weight_file} do not fit this UNet ({type(err).__name__}: {msg})") from None
+        raise FastdenseError(
+            f"LoRA weights {weight_file} do not fit this model ({type(err).__name__}: {msg})"
+        ) from None
     unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]
     if unexpected:
         raise FastdenseError(
-            f"LoRA weights {weight_file} hold {len(unexpected)} keys this UNet lacks, e.g. {unexpected[0]}"
+            f"LoRA weights {weight_file} hold {len(unexpected)} keys this model lacks, e.g. {unexpected[0]}"
         )

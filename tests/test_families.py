@@ -226,3 +226,60 @@ def test_a_trained_flow_lora_loads_in_the_pipeline(family, tmp_path):
             continue
         torch.testing.assert_close(th, o, rtol=1e-6, atol=1e-7)
         assert (th - b).abs().max() > 0  # training moved the LoRA off zero
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from fastdense.models.tiny_sd3 import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "model", with_t5=False)
+
+
+def _train_argv(model, out, *sets):
+    base = [f"model.path={model}", "sampling.num_steps=4", "sampling.rollouts_per_prompt=2",
+            "objective.group_size=2", "objective.step_window=null", "data.prompts=[a cat]",
+            "reward.name=aesthetic_proxy", "model.resolution=null", "optim.precision=fp32", "run.device=cpu"]
+    # the sd35-medium preset: a flow model's settings (the default toy preset targets an SD UNet's layers)
+    return ["train", "--preset", "sd35-medium", "--out", out, *[a for s in (*base, *sets) for a in ("--set", s)]]
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (["sampling.eta=0"], "sampling.eta=0"),
+        (["sampling.sampler=ode"], "sampling.sampler='ode'"),
+        (["objective.step_window=[2,9]"], "objective.step_window=[2, 9]"),
+        (["sampling.sampler=ddim"], "ddim"),
+    ],
+)
+def test_bad_flow_training_input_is_one_line_and_writes_nothing(sd3_dir, tmp_path, run_cli, sets, needle):
+    out = tmp_path / "run"
+    code, _, err = run_cli(_train_argv(sd3_dir, out, *sets))
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and needle in err
+    assert not out.exists()
+
+
+def test_a_scheduler_that_is_not_linear_gaussian_is_refused(sd3_dir, tmp_path, run_cli):
+    model = tmp_path / "model"
+    shutil.copytree(sd3_dir, model)
+    sched = model / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "stochastic_sampling": True}))
+    out = tmp_path / "run"
+    code, _, err = run_cli(_train_argv(model, out))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "stochastic_sampling" in err, err
+    assert not out.exists()
+
+
+def test_a_lora_of_another_family_is_one_line_in_the_cli(sd3_dir, tiny_dir, tmp_path, run_cli):
+    from fastdense.lora import load_lora, save_lora
+    from fastdense.testing import random_lora
+
+    parts = load_pipeline_parts(tiny_dir)
+    load_lora(parts.unet, random_lora(tiny_dir, tmp_path / "raw"))
+    save_lora(parts.unet, tmp_path / "sd_lora", family="sd")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["sample", "a cat", "--model", sd3_dir, "--lora", tmp_path / "sd_lora", "--out", out,
+                            "--steps", "2"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "trained on a 'sd' model" in err, err
+    assert not out.exists()
