@@ -162,6 +162,26 @@ def write_clip_tokenizer(directory: str | Path, words: Sequence[str] = (), merge
     return tokenizer
 
 
+def tiny_vae(latent_channels: int, *, sample_size: int, block_out_channels: tuple[int, int] = (32, 32),
+             norm_num_groups: int = 32, **family):
+    """The tiny test pipelines' AutoencoderKL: two levels (scale factor 2), one layer per block;
+    ``family``: the family's own keys (shift / scaling factors, no quant convs). Seed before calling."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+        **family,
+    )
+
+
 def build_tiny_pipeline(
     dir: str | Path,
     *,
@@ -186,7 +206,7 @@ def build_tiny_pipeline(
         raise FastdenseError(f"prediction_type={prediction_type!r} is not allowed; allowed: epsilon, v_prediction")
 
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     root = Path(dir)
@@ -225,17 +245,7 @@ def build_tiny_pipeline(
         vae = None
         if with_vae:
             torch.manual_seed(seed + 2)
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                block_out_channels=(32, 32),
-                layers_per_block=1,
-                latent_channels=in_channels,
-                norm_num_groups=32,
-                sample_size=sample_size * 2,
-            )
+            vae = tiny_vae(in_channels, sample_size=sample_size * 2)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

@@ -90,10 +90,10 @@ def build_tiny_flux_pipeline(
         raise FastdenseError(f"latent_channels={latent_channels!r} is not allowed; allowed: an int >= 1")
 
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from fastdense.testing import write_clip_tokenizer
+    from fastdense.testing import tiny_vae, write_clip_tokenizer
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -149,21 +149,8 @@ def build_tiny_flux_pipeline(
             )
         )
         torch.manual_seed(seed + 3)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 32),
-            layers_per_block=1,
-            latent_channels=latent_channels,
-            norm_num_groups=32,
-            sample_size=32,
-            use_quant_conv=False,  # FLUX's VAE has neither
-            use_post_quant_conv=False,
-            shift_factor=0.1159,  # FLUX.1's values
-            scaling_factor=0.3611,
-        )
+        vae = tiny_vae(latent_channels, sample_size=32, use_quant_conv=False,  # FLUX's VAE has neither
+                       use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's values
     if guidance_embeds:  # FLUX.1-dev's scheduler config
         scheduler = FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,

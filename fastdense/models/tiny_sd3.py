@@ -79,7 +79,6 @@ def build_tiny_sd3_pipeline(
 
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -87,7 +86,7 @@ def build_tiny_sd3_pipeline(
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from fastdense.models.tiny_flux import write_t5_tokenizer  # the one offline T5 tokenizer builder
-    from fastdense.testing import write_clip_tokenizer
+    from fastdense.testing import tiny_vae, write_clip_tokenizer
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -155,21 +154,9 @@ def build_tiny_sd3_pipeline(
         vae = None
         if with_vae:
             torch.manual_seed(seed + 4)
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                block_out_channels=(8, 16),
-                layers_per_block=1,
-                latent_channels=channels,
-                norm_num_groups=8,
-                sample_size=sample_size * 2,
-                use_quant_conv=False,  # as SD3's VAE
-                use_post_quant_conv=False,
-                shift_factor=0.0609,
-                scaling_factor=1.5305,
-            )
+            vae = tiny_vae(channels, sample_size=sample_size * 2, block_out_channels=(8, 16), norm_num_groups=8,
+                           use_quant_conv=False, use_post_quant_conv=False,  # as SD3's VAE
+                           shift_factor=0.0609, scaling_factor=1.5305)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
     pipeline = StableDiffusion3Pipeline(

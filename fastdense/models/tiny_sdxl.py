@@ -73,10 +73,10 @@ def build_tiny_sdxl_pipeline(
         raise FastdenseError(f"max_length={max_length!r} is not allowed; allowed: an int >= 4")
 
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from fastdense.testing import write_clip_tokenizer
+    from fastdense.testing import tiny_vae, write_clip_tokenizer
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -131,18 +131,7 @@ def build_tiny_sdxl_pipeline(
         vae = None
         if with_vae:
             torch.manual_seed(seed + 3)
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                block_out_channels=(32, 32),
-                layers_per_block=1,
-                latent_channels=4,
-                norm_num_groups=32,
-                sample_size=sample_size * 2,
-                scaling_factor=0.13025,  # SDXL's VAE
-            )
+            vae = tiny_vae(4, sample_size=sample_size * 2, scaling_factor=0.13025)  # SDXL's VAE
     scheduler = EulerDiscreteScheduler.from_config(
         {
             "num_train_timesteps": 1000,
