@@ -10,13 +10,22 @@ ptxas shipped in the triton wheel, and reports per specialisation and arch:
   (Triton's driver reads CU_FUNC_ATTRIBUTE_NUM_REGS and LOCAL_SIZE_BYTES / 4; without a GPU
   those attributes are not set in triton 3.9);
 * ``shared``: ``compiled.metadata.shared``, the dynamic shared memory Triton launches with;
-* ``vector_loads``: the widest ``ld.global.v2``/``.v4`` in the PTX (1 = scalar loads only).
+* ``vector_loads``: the widest ``ld.global.v2``/``.v4`` in the PTX (1 = scalar loads only);
+  ``v4_loads`` / ``v4_stores``: how many 16-byte ``ld.global.v4`` / ``st.global.v4`` it has
+  (a BLOCK = 1024, 4-warp program reads 8 elements of each streamed tensor per thread: two v4
+  loads for fp32, one for bf16/fp16, when the whole tensor is read with vector loads);
+* ``fp_fusion``: every launch passes ``enable_fp_fusion`` (the ``_FP_FUSION`` constant of
+  kernels/log_ratio.py and kernels/ddim_step.py); :func:`specialise` keeps it and
+  :func:`compile_spec` compiles with it, so the compiled code is the one a launch gets whatever
+  ``TRITON_DEFAULT_FP_FUSION`` says.
 
 Specialisations. The launchers (``log_ratio._partials`` / ``_log_ratio_forward`` /
 ``_log_ratio_backward``, ``ddim_step.ddim_step_triton``) are mirrored by the ``_*_launch``
 functions below: the same argument list, launch-config functions (``_launch_config``,
-``_num_warps``, ``_BLOCK_N``, ddim's block rule) and constexprs. Their arguments go through the
-JIT's own binder (:func:`specialise`, the one place signatures come from), so pointer dtypes
+``_num_warps``, ``_BLOCK_N``, ddim's block rule), constexprs and launch options (``num_warps``,
+``enable_fp_fusion``), and return :class:`Launch` objects: the specialisation and the grid the
+launch uses at that shape. Their arguments go through the JIT's own binder (:func:`specialise`,
+the one place signatures come from), so pointer dtypes
 (``*bf16``), ``i32``/``i64`` ints, ints equal to 1 turned into constexprs and the 16-divisibility
 attributes are exactly what a launch on a GPU would compile. Tensors are stand-ins (:class:`Ptr`:
 a dtype and an aligned or unaligned address). Enumerated: every pair of model-output and state
@@ -25,6 +34,10 @@ without CFG at the default shape; both MEAN modes with either accumulation; a sh
 hits every BLOCK / BLOCK_N / BLOCK_R the launch configs pick, N = 1 and NUM_CHUNKS = 1; and layout cases (strided
 items, unaligned views, int64 strides, D >= 2**31). Identical specialisations are compiled once.
 ``squared_residual`` launches the log-ratio forward kernel, so it has no kernels of its own.
+
+Static kernel report (``fastdense profile kernels --static``): :func:`static_report` adds to each
+compile the launch grid at SD1.5 shapes (:func:`sd15_launches`) and the occupancy that follows
+(kernels/occupancy.py); :func:`static_report_subprocess` runs it from any process.
 
 Must run in a process WITHOUT ``TRITON_INTERPRET`` set (or set to 0) before triton is imported:
 under the interpreter ``@triton.jit`` gives ``InterpretedFunction`` objects, which cannot be
@@ -39,6 +52,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
+import math
 import multiprocessing
 import os
 import re
@@ -46,7 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -77,6 +92,20 @@ class Spec:
     constexprs: dict = field(repr=False)
     attrs: dict = field(repr=False)
     num_warps: int = 4
+    fp_fusion: bool | None = None  # the launch's enable_fp_fusion (None: Triton's default, from the environment)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch at one shape: the specialisation it compiles, its grid and a label of the shape."""
+
+    spec: Spec
+    grid: tuple[int, ...] | None = None
+    case: str = ""
+
+    @property
+    def kernel(self) -> str:
+        return self.spec.name.split("[", 1)[0]
 
 
 @dataclass
@@ -88,6 +117,8 @@ class Result:
     n_spills: int | None = None
     shared: int | None = None
     vector_loads: int | None = None  # widest ld.global vector width in the PTX (1: none)
+    v4_loads: int | None = None  # ld.global.v4 instructions in the PTX
+    v4_stores: int | None = None  # st.global.v4 instructions in the PTX
     seconds: float = 0.0
     error: str = ""
 
@@ -106,7 +137,8 @@ def specialise(fn, label: str, args: tuple, kwargs: dict) -> Spec:
     """The specialisation a launch ``fn[grid](*args, **kwargs)`` compiles, via the JIT's own binder.
 
     ``args`` as the launcher passes them (tensors as :class:`Ptr`); ``kwargs`` the constexprs and
-    ``num_warps``. The name is ``<kernel>[<label> <constexprs> w<warps> <int specialisations>]``.
+    the launch options ``num_warps`` and ``enable_fp_fusion``. The name is
+    ``<kernel>[<label> <constexprs> w<warps> <int specialisations>]``.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -115,6 +147,7 @@ def specialise(fn, label: str, args: tuple, kwargs: dict) -> Spec:
     _require_jit(fn)
     kwargs = dict(kwargs)
     num_warps = kwargs.pop("num_warps", 4)
+    fp_fusion = kwargs.pop("enable_fp_fusion", None)
     backend = make_backend(GPUTarget("cuda", 90, 32))  # the specialisation rules are arch-independent
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, _ = binder(*args, **kwargs)
@@ -143,7 +176,7 @@ def specialise(fn, label: str, args: tuple, kwargs: dict) -> Spec:
         parts.append("nodiv:" + ",".join(undivided))
     kernel = fn.__name__.strip("_").removesuffix("_kernel")
     name = f"{kernel}[{' '.join(p for p in parts if p)}]"
-    return Spec(name, fn, signature, constexprs, attrs, num_warps)
+    return Spec(name, fn, signature, constexprs, attrs, num_warps, fp_fusion)
 
 
 # ---------------------------------------------------------------------------
@@ -151,8 +184,9 @@ def specialise(fn, label: str, args: tuple, kwargs: dict) -> Spec:
 
 
 def _log_ratio_launches(lr, ec: str, x: str, cfg: bool, mean: bool, n: int, d: int, r: int,
-                        stride: int | None = None, aligned: bool = True) -> list[Spec]:
-    """The three launches of log_ratio (forward partials, logits, backward) for one case."""
+                        stride: int | None = None, aligned: bool = True, num_traj: int | None = None) -> list[Launch]:
+    """The three launches of log_ratio (forward partials, logits, backward) for one case, with their
+    grids (``num_traj`` trajectories; default N / 4, as ``fastdense bench kernels`` has them)."""
     import triton
 
     acc = torch.float64 if "fp64" in (ec, x) else torch.float32
@@ -167,46 +201,57 @@ def _log_ratio_launches(lr, ec: str, x: str, cfg: bool, mean: bool, n: int, d: i
     fwd = specialise(
         lr._log_ratio_fwd_kernel, label,
         (*ins, a, b, Ptr(acc), stride, stride, stride, stride, d, chunk_len, num_chunks, 7.5),
-        dict(HAS_UNCOND=cfg, ACC_FP64=acc64, BLOCK=block, num_warps=warps),
+        dict(HAS_UNCOND=cfg, ACC_FP64=acc64, BLOCK=block, num_warps=warps, enable_fp_fusion=lr._FP_FUSION),
     )
     logits = specialise(
         lr._log_ratio_logits_kernel, f"acc={'fp64' if acc64 else 'fp32'}",
         (Ptr(acc), Ptr(acc), Ptr(acc), Ptr(acc), Ptr(torch.int64), Ptr(acc), Ptr(acc), n, num_chunks, r, d, 0.5),
         dict(MEAN=mean, ACC_FP64=acc64, BLOCK_N=min(lr._BLOCK_N, triton.next_power_of_2(n)),
-             BLOCK_R=triton.next_power_of_2(r)),
+             BLOCK_R=triton.next_power_of_2(r), enable_fp_fusion=lr._FP_FUSION),
     )
     bwd = specialise(
         lr._log_ratio_bwd_kernel, label,
         (*ins, a, b, Ptr(acc), Ptr(acc), Ptr(torch.int64), Ptr(acc), Ptr(acc), Ptr(e), Ptr(e),
          stride, stride, stride, stride, d, chunk_len, r, 7.5, 0.5),
         dict(HAS_UNCOND=cfg, MEAN=mean, ACC_FP64=acc64, BLOCK=block, BLOCK_R=triton.next_power_of_2(r),
-             num_warps=warps),
+             num_warps=warps, enable_fp_fusion=lr._FP_FUSION),
     )
-    return [fwd, logits, bwd]
+    num_traj = max(1, n // 4) if num_traj is None else num_traj
+    return [Launch(fwd, (n, num_chunks)), Launch(logits, (num_traj,)), Launch(bwd, (n, num_chunks))]
 
 
-def _ddim_launch(dd, x: str, eps: str, cfg: bool, n: int, d: int, out: str | None = None,
-                 stride: int | None = None, aligned: bool = True) -> Spec:
-    """``ddim_step_triton``'s launch: states x / noise / out in ``x`` (``out`` may differ), ε in ``eps``."""
+def _ddim_config(dd, d: int) -> tuple[int, int, int]:
+    """(BLOCK_SIZE, n_chunks, num_warps) as ``ddim_step_triton`` picks them for items of ``d`` elements
+    (it has no launch-config function of its own; tests/test_kernel_static_report.py checks this
+    against its real launches)."""
     import triton
 
-    out = out or x
-    acc = torch.float64 if "fp64" in (x, eps) else torch.float32
-    stride = d if stride is None else stride
-    block = min(dd.DEFAULT_BLOCK_SIZE, triton.next_power_of_2(d))  # as ddim_step_triton picks it
+    block = min(dd.DEFAULT_BLOCK_SIZE, triton.next_power_of_2(d))
     n_chunks = triton.cdiv(d, block)
     while n_chunks > dd._MAX_GRID_DIM1:
         block *= 2
         n_chunks = triton.cdiv(d, block)
+    return block, n_chunks, 4 if block <= 1024 else 8
+
+
+def _ddim_launch(dd, x: str, eps: str, cfg: bool, n: int, d: int, out: str | None = None,
+                 stride: int | None = None, aligned: bool = True) -> Launch:
+    """``ddim_step_triton``'s launch: states x / noise / out in ``x`` (``out`` may differ), ε in ``eps``."""
+    out = out or x
+    acc = torch.float64 if "fp64" in (x, eps) else torch.float32
+    stride = d if stride is None else stride
+    block, n_chunks, warps = _ddim_config(dd, d)
     label = f"x={x} eps={eps}" + (f" out={out}" if out != x else "")
     label += f" acc={'fp64' if acc == torch.float64 else 'fp32'}"
     e = DTYPES[eps]
-    return specialise(
+    spec = specialise(
         dd._ddim_step_fwd_kernel, label,
         (Ptr(DTYPES[x], aligned), Ptr(e, aligned), Ptr(e, aligned), Ptr(DTYPES[x], aligned), Ptr(acc),
          Ptr(DTYPES[out], aligned), Ptr(acc), stride, stride, stride, stride, stride, n, d, n_chunks),
-        dict(BLOCK_SIZE=block, HAS_CFG=cfg, ACC_FP64=acc == torch.float64, num_warps=4 if block <= 1024 else 8),
+        dict(BLOCK_SIZE=block, HAS_CFG=cfg, ACC_FP64=acc == torch.float64, num_warps=warps,
+             enable_fp_fusion=dd._FP_FUSION),
     )
+    return Launch(spec, (n, n_chunks))
 
 
 # (n, d) pairs of the shape sweep: every BLOCK 1..1024 and BLOCK_N 1..128, N = 1, NUM_CHUNKS = 1
@@ -224,44 +269,56 @@ def enumerate_specs() -> list[Spec]:
     from fastdense.kernels import log_ratio as lr
 
     n0, d0 = _BASE
-    specs: list[Spec] = []
+    launches: list[Launch] = []
     for ec, x in _DTYPE_PAIRS:  # dtypes × CFG at the default shape (ddim: ε and states)
         for cfg in (False, True):
-            specs += _log_ratio_launches(lr, ec, x, cfg, True, n0, d0, 1)
-            specs.append(_ddim_launch(dd, x, ec, cfg, 8, d0))
+            launches += _log_ratio_launches(lr, ec, x, cfg, True, n0, d0, 1)
+            launches.append(_ddim_launch(dd, x, ec, cfg, 8, d0))
     for mean in (True, False):  # MEAN × accumulation dtype (only the logits and backward kernels see it)
         for ec, x in (("bf16", "fp32"), ("fp64", "fp64")):
-            specs += _log_ratio_launches(lr, ec, x, True, mean, n0, d0, 2)
+            launches += _log_ratio_launches(lr, ec, x, True, mean, n0, d0, 2)
     for n, d in _SWEEP:  # every block size the launch configs pick, int-1 specialisations
-        specs += _log_ratio_launches(lr, "bf16", "fp32", True, True, n, d, 2)
-        specs.append(_ddim_launch(dd, "fp32", "bf16", True, n, d))
+        launches += _log_ratio_launches(lr, "bf16", "fp32", True, True, n, d, 2)
+        launches.append(_ddim_launch(dd, "fp32", "bf16", True, n, d))
         if n in (1, 1024):
-            specs += _log_ratio_launches(lr, "fp32", "fp32", False, False, n, d, 1)
+            launches += _log_ratio_launches(lr, "fp32", "fp32", False, False, n, d, 1)
     for d in (1024 * 65535 + 1, 4 * 1024 * 65535 + 1):  # ddim grows BLOCK_SIZE past 1024 for huge items
-        specs.append(_ddim_launch(dd, "fp32", "bf16", True, 2, d))
+        launches.append(_ddim_launch(dd, "fp32", "bf16", True, 2, d))
     for out in ("bf16", "fp16"):  # fp32 states stored into a lower-precision buffer
-        specs.append(_ddim_launch(dd, "fp32", "bf16", True, 8, d0, out=out))
+        launches.append(_ddim_launch(dd, "fp32", "bf16", True, 8, d0, out=out))
     for ec, x in (("bf16", "fp32"), ("fp64", "fp64")):
         # layouts: items of a [B, T+1, *S] buffer, unaligned views, int64 strides, int64 D
-        specs += _log_ratio_launches(lr, ec, x, True, True, n0, d0, 2, stride=51 * d0)
-        specs += _log_ratio_launches(lr, ec, x, True, True, n0, 4099, 2, stride=51 * 4099, aligned=False)
-        specs += _log_ratio_launches(lr, ec, x, True, True, n0, d0, 2, stride=_I64)
-        specs += _log_ratio_launches(lr, ec, x, True, True, 2, _I64, 2, stride=_I64)
-        specs.append(_ddim_launch(dd, x, ec, True, 8, d0, stride=51 * d0))
-        specs.append(_ddim_launch(dd, x, ec, True, 8, 4099, stride=51 * 4099, aligned=False))
-        specs.append(_ddim_launch(dd, x, ec, True, 8, d0, stride=_I64))
-        specs.append(_ddim_launch(dd, x, ec, True, 2, _I64, stride=_I64))
-    unique: dict[tuple, Spec] = {}
-    for s in specs:
-        key = (s.fn.__name__, tuple(s.signature.items()), tuple(s.constexprs.items()),
-               tuple((k, str(v)) for k, v in s.attrs.items()), s.num_warps)
-        unique.setdefault(key, s)
-    out = list(unique.values())
+        launches += _log_ratio_launches(lr, ec, x, True, True, n0, d0, 2, stride=51 * d0)
+        launches += _log_ratio_launches(lr, ec, x, True, True, n0, 4099, 2, stride=51 * 4099, aligned=False)
+        launches += _log_ratio_launches(lr, ec, x, True, True, n0, d0, 2, stride=_I64)
+        launches += _log_ratio_launches(lr, ec, x, True, True, 2, _I64, 2, stride=_I64)
+        launches.append(_ddim_launch(dd, x, ec, True, 8, d0, stride=51 * d0))
+        launches.append(_ddim_launch(dd, x, ec, True, 8, 4099, stride=51 * 4099, aligned=False))
+        launches.append(_ddim_launch(dd, x, ec, True, 8, d0, stride=_I64))
+        launches.append(_ddim_launch(dd, x, ec, True, 2, _I64, stride=_I64))
+    return list({launch.spec.name: launch.spec for launch in _share_specs(launches)}.values())
+
+
+def _spec_key(s: Spec) -> tuple:
+    return (s.fn.__name__, tuple(s.signature.items()), tuple(s.constexprs.items()),
+            tuple((k, str(v)) for k, v in s.attrs.items()), s.num_warps, s.fp_fusion)
+
+
+def _share_specs(launches: list[Launch]) -> list[Launch]:
+    """The launches with one Spec per distinct specialisation, and a distinct name for each (``#2``,
+    ``#3``: two shapes may differ only in attributes), in the order they first appear."""
+    canon: dict[tuple, Spec] = {}
     seen: dict[str, int] = {}
-    for i, s in enumerate(out):  # keep names unique (two shapes may differ only in attributes)
-        seen[s.name] = seen.get(s.name, 0) + 1
-        if seen[s.name] > 1:
-            out[i] = Spec(f"{s.name}#{seen[s.name]}", s.fn, s.signature, s.constexprs, s.attrs, s.num_warps)
+    out = []
+    for launch in launches:
+        key = _spec_key(launch.spec)
+        if key not in canon:
+            spec = launch.spec
+            seen[spec.name] = seen.get(spec.name, 0) + 1
+            if seen[spec.name] > 1:
+                spec = replace(spec, name=f"{spec.name}#{seen[spec.name]}")
+            canon[key] = spec
+        out.append(replace(launch, spec=canon[key]))
     return out
 
 
@@ -293,21 +350,34 @@ def _vector_width(ptx: str) -> int:
     return max(widths, default=1)
 
 
-def compile_spec(spec: Spec, arch: str) -> Result:
-    """Compile one specialisation for ``arch`` ("sm_90"); a rejection is a Result with ok=False."""
+def _v4_count(ptx: str, op: str) -> int:
+    return len(re.findall(rf"\b{op}\.global(?:\.[a-z]\w*)*?\.v4\.", ptx))
+
+
+def compile_triton(spec: Spec, arch: str):
+    """``triton.compile`` of one specialisation for ``arch`` ("sm_90") with the launch's options:
+    the CompiledKernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``); raises on a rejection."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    _require_jit(spec.fn)
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
+    options = {"num_warps": spec.num_warps}
+    if spec.fp_fusion is not None:  # as the launch passes it (None: Triton's default, from the environment)
+        options["enable_fp_fusion"] = spec.fp_fusion
+    return triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32), options=options)
+
+
+def compile_spec(spec: Spec, arch: str) -> Result:
+    """Compile one specialisation for ``arch`` ("sm_90"); a rejection is a Result with ok=False."""
     t0 = time.perf_counter()
     try:
-        _require_jit(spec.fn)
-        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32),
-                                  options={"num_warps": spec.num_warps})
+        compiled = compile_triton(spec, arch)
         regs, spills = _resource_usage(compiled.asm["cubin"])
-        return Result(arch, spec.name, True, regs, spills, compiled.metadata.shared,
-                      _vector_width(compiled.asm["ptx"]), time.perf_counter() - t0)
+        ptx = compiled.asm["ptx"]
+        return Result(arch, spec.name, True, regs, spills, compiled.metadata.shared, _vector_width(ptx),
+                      _v4_count(ptx, "ld"), _v4_count(ptx, "st"), time.perf_counter() - t0)
     except Exception as err:  # noqa: BLE001 - every compiler rejection is a reported failure
         msg = f"{type(err).__name__}: {err}".strip()
         return Result(arch, spec.name, False, seconds=time.perf_counter() - t0, error=msg[-2000:])
@@ -319,7 +389,7 @@ def arch_supported(arch: str) -> tuple[bool, str]:
         return False, f"unknown arch {arch}; known: {', '.join(ARCHS)}"
     from fastdense.kernels import ddim_step as dd
 
-    r = compile_spec(_ddim_launch(dd, "fp32", "fp32", False, 1, 16), arch)
+    r = compile_spec(_ddim_launch(dd, "fp32", "fp32", False, 1, 16).spec, arch)
     return r.ok, r.error.splitlines()[0] if r.error else ""
 
 
@@ -340,6 +410,146 @@ def compile_all(specs: list[Spec], archs: list[str], jobs: int = 1) -> list[Resu
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
         return list(pool.map(_pool_job, work, chunksize=4))
+
+
+# ---------------------------------------------------------------------------
+# Static kernel report (``fastdense profile kernels --static``)
+
+KERNELS = ("log_ratio_fwd", "log_ratio_logits", "log_ratio_bwd", "ddim_step_fwd")
+_KERNEL_GROUPS = {"log_ratio": KERNELS[:3], "ddim_step": KERNELS[3:]}
+REPORT_DTYPES = ("fp32", "bf16", "fp16")
+SD15_D = 4 * 64 * 64  # Stable Diffusion 1.5 latents at 512×512
+SD15_NS = (128, 1024)  # log-ratio items per call
+SD15_BATCH = 8  # ddim_step: trajectories per sampler call
+
+
+def select_kernels(names: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The kernels that ``--kernel`` names select: a kernel, or ``log_ratio`` / ``ddim_step`` for all of
+    an op's kernels; none named: all."""
+    if not names:
+        return KERNELS
+    chosen: set[str] = set()
+    for name in names:
+        if name in KERNELS:
+            chosen.add(name)
+        elif name in _KERNEL_GROUPS:
+            chosen.update(_KERNEL_GROUPS[name])
+        else:
+            raise ValueError(f"--kernel {name!r} is not allowed; allowed: {', '.join((*_KERNEL_GROUPS, *KERNELS))}")
+    return tuple(k for k in KERNELS if k in chosen)
+
+
+def dtype_pairs(dtypes: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """(model outputs, states) of the report: each model-output dtype with fp32 states and with
+    states in its own dtype."""
+    pairs = []
+    for eps in dtypes:
+        if eps not in REPORT_DTYPES:
+            raise ValueError(f"--dtype {eps!r} is not allowed; allowed: {', '.join(REPORT_DTYPES)}")
+        pairs += [(eps, x) for x in dict.fromkeys(("fp32", eps))]
+    return list(dict.fromkeys(pairs))
+
+
+def sd15_launches(ns=SD15_NS, batch: int = SD15_BATCH, dtypes=("fp32", "bf16")) -> list[Launch]:
+    """Every launch at SD1.5 shapes (D = 4·64·64), with the grid the launchers' own launch configs
+    give: log_ratio with CFG, reduction "mean", one reference column and N / 4 trajectories for each
+    N in ``ns`` (the cells of ``fastdense bench kernels``); ddim_step with CFG for ``batch`` items.
+    Model outputs in each of ``dtypes``, states in fp32 and in that dtype. Ordered by kernel; a
+    specialisation at a shape appears once."""
+    from fastdense.kernels import ddim_step as dd
+    from fastdense.kernels import log_ratio as lr
+
+    launches: list[Launch] = []
+    for eps, x in dtype_pairs(dtypes):
+        for n in ns:
+            launches += [replace(launch, case=f"N={n}")
+                         for launch in _log_ratio_launches(lr, eps, x, True, True, n, SD15_D, 1)]
+        launches.append(replace(_ddim_launch(dd, x, eps, True, batch, SD15_D), case=f"B={batch}"))
+    launches.sort(key=lambda launch: KERNELS.index(launch.kernel))  # stable: dtype and shape order kept
+    # the logits kernel sees no input dtype: one row per distinct (specialisation, shape)
+    unique = {(launch.spec.name, launch.case, launch.grid): launch for launch in _share_specs(launches)}
+    return list(unique.values())
+
+
+def report_row(arch: str, launch: Launch, result: Result) -> dict:
+    """One row of the static report: the compile's resources, the launch's grid and the occupancy
+    that follows on ``arch`` (kernels/occupancy.py)."""
+    from fastdense.kernels.occupancy import LIMITS, occupancy, waves
+
+    lim, spec = LIMITS[arch], launch.spec
+    programs = math.prod(launch.grid) if launch.grid else None
+    row = dict(arch=arch, gpus=lim.gpus, kernel=launch.kernel, specialisation=spec.name, case=launch.case or None,
+               grid=list(launch.grid) if launch.grid else None, programs=programs, num_warps=spec.num_warps,
+               fp_fusion=spec.fp_fusion, ok=result.ok, error=result.error or None, regs=result.n_regs,
+               spills=result.n_spills, shared=result.shared, vector_loads=result.vector_loads,
+               v4_loads=result.v4_loads, v4_stores=result.v4_stores, blocks_per_sm=None, warps_per_sm=None,
+               max_warps_per_sm=lim.max_warps, occupancy=None, limiter=None, sms=lim.sm_count, waves=None)
+    if result.ok:
+        occ = occupancy(result.n_regs, result.shared, spec.num_warps, lim)
+        row.update(blocks_per_sm=occ.blocks_per_sm, warps_per_sm=occ.warps_per_sm, occupancy=occ.fraction,
+                   limiter=occ.limiter, waves=waves(programs, occ, lim) if programs else None)
+    return row
+
+
+def static_report(archs: list[str], kernels: list[str] | None = None, ns=SD15_NS, batch: int = SD15_BATCH,
+                  dtypes=("fp32", "bf16"), everything: bool = False, jobs: int = 1) -> list[dict]:
+    """Rows (:func:`report_row`) for every arch × launch: the SD1.5 launches (:func:`sd15_launches`),
+    or with ``everything`` every specialisation of :func:`enumerate_specs` (no grid); only the
+    ``kernels`` selected (:func:`select_kernels`). Compiles here: needs a process without
+    TRITON_INTERPRET (see :func:`static_report_subprocess`)."""
+    chosen = select_kernels(kernels)
+    launches = [Launch(spec) for spec in enumerate_specs()] if everything else sd15_launches(ns, batch, dtypes)
+    launches = [launch for launch in launches if launch.kernel in chosen]
+    specs = list({launch.spec.name: launch.spec for launch in launches}.values())
+    results = {(r.arch, r.name): r for r in compile_all(specs, archs, jobs=jobs)}
+    return [report_row(arch, launch, results[arch, launch.spec.name]) for arch in archs for launch in launches]
+
+
+_CHILD = "import sys; from fastdense.kernels import aot; sys.exit(aot._static_report_child(sys.argv[1], sys.argv[2]))"
+_UNSUPPORTED = 3  # the child's exit code for an arch the installed ptxas cannot target
+
+
+def _static_report_child(request_path: str, answer_path: str) -> int:
+    with open(request_path) as f:
+        request = json.load(f)
+    for arch in request["archs"]:
+        ok, why = arch_supported(arch)
+        if not ok:
+            with open(answer_path, "w") as f:
+                json.dump({"error": f"--arch {arch}: the installed triton/ptxas cannot compile for it ({why})"}, f)
+            return _UNSUPPORTED
+    rows = static_report(**request)
+    with open(answer_path, "w") as f:
+        json.dump({"rows": rows}, f)
+    return 0
+
+
+def static_report_subprocess(archs: list[str], **request) -> list[dict]:
+    """:func:`static_report` run in a fresh Python process: without TRITON_INTERPRET (the real
+    compiler, whatever this process runs under), with a throw-away TRITON_CACHE_DIR and working
+    directory, so nothing is left on disk to go stale. An arch the installed ptxas cannot target
+    is a FastdenseError."""
+    from fastdense.errors import FastdenseError
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory(prefix="fastdense-static-") as tmp:
+        env["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton-cache")
+        request_path, answer_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "answer.json")
+        with open(request_path, "w") as f:
+            json.dump({"archs": list(archs), **request}, f)
+        proc = subprocess.run([sys.executable, "-c", _CHILD, request_path, answer_path], cwd=tmp, env=env,
+                              capture_output=True, text=True)
+        answer = {}
+        if os.path.exists(answer_path):
+            with open(answer_path) as f:
+                answer = json.load(f)
+    if proc.returncode == _UNSUPPORTED and "error" in answer:
+        raise FastdenseError(answer["error"])
+    if proc.returncode != 0 or "rows" not in answer:
+        tail = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise RuntimeError(f"the compile subprocess failed (exit code {proc.returncode}): "
+                           f"{tail[-1] if tail else 'no output'}")
+    return answer["rows"]
 
 
 def format_table(results: list[Result]) -> str:

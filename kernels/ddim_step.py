@@ -52,6 +52,13 @@ __all__ = ["ddim_step", "ddim_step_triton"]
 
 DEFAULT_BLOCK_SIZE = 1024
 _MAX_GRID_DIM1 = 65535
+# FMA contraction (a·b + c as one fused multiply-add, rounded once): on, as Triton <= 3.9 compiles
+# by default, so results stay what they were. μ = A·x + B·ε̂ is computed once and both the stored
+# x' = μ + σ·z and the residual x'_stored − μ use that same μ, so sq stays consistent with the
+# stored x' either way. Passed in the launch because Triton 3.10 turns its default off
+# (TRITON_DEFAULT_FP_FUSION): the environment must not change the compiled code. kernels/aot.py
+# compiles with this same value.
+_FP_FUSION = True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,6 +170,7 @@ def ddim_step_triton(
         HAS_CFG=eps_uncond is not None,
         ACC_FP64=acc == torch.float64,
         num_warps=4 if block <= 1024 else 8,
+        enable_fp_fusion=_FP_FUSION,
     )
     return partials.sum(dim=1)
 

@@ -250,6 +250,12 @@ def _log_ratio_bwd_kernel(
 
 _TARGET_PROGRAMS = 1024  # enough (N × chunk) programs to fill a large GPU a few times over
 _BLOCK_N = 128
+# FMA contraction (a·b + c as one fused multiply-add, rounded once) in all three kernels: on, as
+# Triton <= 3.9 compiles by default, so results stay what they were (the residual A·x + B·ε̂ and
+# the Σ r² accumulation; memory-bound, so this is about rounding, not speed). Passed in every launch
+# because Triton 3.10 turns its default off (TRITON_DEFAULT_FP_FUSION): the environment must not
+# change the compiled code. kernels/aot.py compiles with this same value.
+_FP_FUSION = True
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -287,7 +293,7 @@ def _partials(p: PreparedLogRatio) -> Tensor:
         d, chunk_len, num_chunks,
         float(p.guidance),
         HAS_UNCOND=p.eps_uncond is not None, ACC_FP64=p.acc_dtype == torch.float64, BLOCK=block,
-        num_warps=_num_warps(block),
+        num_warps=_num_warps(block), enable_fp_fusion=_FP_FUSION,
     )
     return part
 
@@ -306,7 +312,7 @@ def _log_ratio_forward(p: PreparedLogRatio) -> tuple[Tensor, Tensor]:
         n, num_chunks, r, p.d,
         float(p.clip),
         MEAN=p.mean, ACC_FP64=p.acc_dtype == torch.float64, BLOCK_N=block_n,
-        BLOCK_R=triton.next_power_of_2(r),
+        BLOCK_R=triton.next_power_of_2(r), enable_fp_fusion=_FP_FUSION,
     )
     return logits, ratio
 
@@ -327,7 +333,7 @@ def _log_ratio_backward(p: PreparedLogRatio, ratio: Tensor, grad_logits: Tensor)
         float(p.guidance), float(p.clip),
         HAS_UNCOND=p.eps_uncond is not None, MEAN=p.mean, ACC_FP64=p.acc_dtype == torch.float64,
         BLOCK=block, BLOCK_R=triton.next_power_of_2(ratio.shape[1]),
-        num_warps=_num_warps(block),
+        num_warps=_num_warps(block), enable_fp_fusion=_FP_FUSION,
     )
     return grad_c, grad_u
 

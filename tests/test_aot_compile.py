@@ -63,14 +63,112 @@ def test_every_specialisation_compiles_for_sm80_and_sm90(tmp_path):
     assert not failed, "\n".join(failed)
     spilled = [f"{r.arch} {r.name}: {r.n_spills} spilled words" for r in results if r.n_spills]
     assert not spilled, "\n".join(spilled)
-    # every kernel is covered, and the default shapes (aligned, D = 16384) load with vector instructions
+    # every kernel is covered, and the streaming kernels read every tensor with 16-byte vector loads
+    # at the block size of D >= 1024 items with 16-divisible D and strides (as SD latents have them)
     names = {r.name.split("[")[0] for r in results}
     assert names == {"log_ratio_fwd", "log_ratio_logits", "log_ratio_bwd", "ddim_step_fwd"}
+    expected = {(r.arch, r.name): _expected_v4_loads(r.name) for r in results}
+    vec = {(r.arch, r.name): r.v4_loads for r in results if expected[r.arch, r.name] is not None}
+    wrong = {key: (v, expected[key]) for key, v in vec.items() if v != expected[key]}
+    assert not wrong, f"(ld.global.v4 instructions, expected): {wrong}"
     default = {"log_ratio_fwd[ec=bf16 x=fp32 acc=fp32 HAS_UNCOND BLOCK=1024 w4]",
                "log_ratio_bwd[ec=bf16 x=fp32 acc=fp32 HAS_UNCOND MEAN BLOCK=1024 BLOCK_R=1 w4 R=1]",
-               "ddim_step_fwd[x=fp32 eps=bf16 acc=fp32 BLOCK_SIZE=1024 HAS_CFG w4 nodiv:n_items]"}
-    vec = {(r.arch, r.name): r.vector_loads for r in results if r.name in default}
-    assert len(vec) == len(default) * len(ARCHS) and all(v > 1 for v in vec.values()), vec
+               "ddim_step_fwd[x=fp32 eps=bf16 acc=fp32 BLOCK_SIZE=1024 HAS_CFG w4 nodiv:n_items]",
+               "log_ratio_fwd[ec=fp32 x=fp32 acc=fp32 HAS_UNCOND BLOCK=1024 w4]",
+               "ddim_step_fwd[x=bf16 eps=bf16 acc=fp32 BLOCK_SIZE=1024 HAS_CFG w4 nodiv:n_items]"}
+    checked = {name for _, name in vec}
+    assert default <= checked and len(checked) >= 30, sorted(checked)
+    print(f"{len(vec)} compiles of {len(checked)} fp32/bf16/fp16 specialisations at BLOCK 1024: "
+          "every streamed tensor read with ld.global.v4")
+
+
+_ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_NOT_DIVISIBLE = {"D", "CHUNK_LEN", "n_cols", "stride_ec", "stride_eu", "stride_x", "stride_xn", "x_row_stride",
+                  "eps_c_row_stride", "eps_u_row_stride", "noise_row_stride"}
+
+
+def _expected_v4_loads(name: str) -> int | None:
+    """The ld.global.v4 count of a streaming kernel whose tensors are all read with 16-byte loads, for
+    the fp32/bf16/fp16 specialisations at BLOCK 1024 (8 elements per thread: 2 v4 loads per fp32
+    tensor, 1 per 16-bit one) with aligned items and 16-divisible D and strides; None for others."""
+    kernel, _, rest = name.partition("[")
+    parts = rest.rstrip("]").split()
+    labels = dict(p.split("=", 1) for p in parts if "=" in p and "," not in p)
+    undivided = {n for p in parts if p.startswith("nodiv:") for n in p[len("nodiv:"):].split(",")}
+    if kernel in ("log_ratio_fwd", "log_ratio_bwd"):
+        block, cfg = labels.get("BLOCK"), "HAS_UNCOND" in parts
+        tensors = [labels["ec"]] * (1 + cfg) + [labels["x"]] * 2  # ε_c (ε_u), x, x'
+    elif kernel == "ddim_step_fwd":
+        block, cfg = labels.get("BLOCK_SIZE"), "HAS_CFG" in parts
+        tensors = [labels["x"]] * 2 + [labels["eps"]] * (1 + cfg)  # x, z, ε_c (ε_u)
+    else:
+        return None
+    dtypes = [*tensors, labels.get("out", "fp32"), labels["acc"]]
+    if (block != "1024" or "w4" not in parts or "unaligned" in parts or undivided & _NOT_DIVISIBLE
+            or labels["acc"] != "fp32" or any(t not in _ELEMENT_BYTES for t in dtypes)):
+        return None
+    elements = 1024 // (32 * 4)
+    return sum(elements * _ELEMENT_BYTES[t] // 16 for t in tensors)
+
+
+FP_FUSION_CHILD = """
+import dataclasses, hashlib, json, warnings
+warnings.simplefilter("always")
+from fastdense.kernels import aot, ddim_step as dd, log_ratio as lr
+
+launches = aot._log_ratio_launches(lr, "bf16", "fp32", True, True, 128, aot.SD15_D, 1)
+launches.append(aot._ddim_launch(dd, "fp32", "bf16", True, 8, aot.SD15_D))
+assert [launch.spec.fp_fusion for launch in launches] == [lr._FP_FUSION] * 3 + [dd._FP_FUSION]
+ptx, warned = {}, {}
+for kind in ("launch", "triton_default"):  # as the launchers compile, then without enable_fp_fusion
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for launch in launches:
+            spec = launch.spec if kind == "launch" else dataclasses.replace(launch.spec, fp_fusion=None)
+            text = aot.compile_triton(spec, "sm_90").asm["ptx"]
+            ptx[f"{launch.kernel}:{kind}"] = hashlib.sha256(text.encode()).hexdigest()
+    warned[kind] = any("TRITON_DEFAULT_FP_FUSION" in str(w.message) for w in caught)
+print(json.dumps({"ptx": ptx, "warned": warned}))
+"""
+
+
+def test_fp_fusion_is_set_by_the_launch_not_the_environment(tmp_path):
+    """Every launch passes enable_fp_fusion, so the compiled PTX is the same whether
+    TRITON_DEFAULT_FP_FUSION (read when triton compiles; its default flips in Triton 3.10) is
+    unset, 0 or 1; and triton does not warn about it. Without the launch option the variable does
+    change the PTX: the subprocesses really see it."""
+    from fastdense.kernels import ddim_step as dd
+    from fastdense.kernels import log_ratio as lr
+
+    assert lr._FP_FUSION is True and dd._FP_FUSION is True  # today's results: fusion on, as Triton <= 3.9
+    procs = {}
+    for value in (None, "0", "1"):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION", "TRITON_FORCE_DISABLE_FP_FUSION")}
+        env.update(PYTHONPATH="", TRITON_CACHE_DIR=str(tmp_path / f"cache-{value}"))
+        if value is not None:
+            env["TRITON_DEFAULT_FP_FUSION"] = value
+        work = tmp_path / f"cwd-{value}"
+        work.mkdir()
+        procs[value] = subprocess.Popen([sys.executable, "-c", FP_FUSION_CHILD], cwd=work, env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = {}
+    for value, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-4000:]
+        out[value] = json.loads(stdout.strip().splitlines()[-1])
+    kernels = ("log_ratio_fwd", "log_ratio_logits", "log_ratio_bwd", "ddim_step_fwd")
+    for kernel in kernels:
+        launch = {value: o["ptx"][f"{kernel}:launch"] for value, o in out.items()}
+        assert len(set(launch.values())) == 1, (kernel, launch)
+        assert launch["1"] == out["1"]["ptx"][f"{kernel}:triton_default"]  # on == what Triton 3.9 did
+    assert not any(o["warned"]["launch"] for o in out.values())
+    # the control: without the launch option the environment decides (and triton warns when unset)
+    default = {value: {k: o["ptx"][f"{k}:triton_default"] for k in kernels} for value, o in out.items()}
+    assert default[None] == default["1"]
+    assert default["0"]["log_ratio_fwd"] != default["1"]["log_ratio_fwd"]
+    assert default["0"]["ddim_step_fwd"] != default["1"]["ddim_step_fwd"]
+    assert out[None]["warned"]["triton_default"] and not out["1"]["warned"]["triton_default"]
 
 
 BAD_MODULE = '''
