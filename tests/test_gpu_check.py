@@ -82,3 +82,56 @@ def test_cli_wrapper_forwards_its_options(run_cli, monkeypatch, tmp_path):
     assert run_cli(["bench", "gpu-check", "--dry-run"])[0] == 1
     code, _, stderr = run_cli(["bench", "gpu-check", "--model", "v100"])
     assert code == 2 and stderr.startswith("error: --model 'v100' is not allowed")
+
+
+def test_gpu_branches_on_tiny_stand_ins(monkeypatch):
+    """What only a GPU run reaches, run here on stand-ins: the training step's SD1.5 branch (FLOPs and
+    MFU from the measured constants) on the tiny UNet, the sampler's UNet throughput, the report."""
+    pytest.importorskip("diffusers")
+    import torch
+
+    from fastdense.benchmarks import gpu_check, sampler
+    from fastdense.benchmarks.roofline import GPUS
+    from fastdense.benchmarks.scaling import SD15
+
+    monkeypatch.setattr(sampler, "SD15_UNET", gpu_check.TINY_UNET)
+    row = gpu_check.train_step_check(torch.device("cpu"), dry_run=False, spec=GPUS["h100"], repeats=1)
+    assert row["lora_rank"] == 32 and row["items"] == 5 and row["losses_finite"]
+    bwd, measured = SD15.backward_flops(32, ("to_q", "to_k", "to_v", "to_out.0"))
+    flops = 10 * (SD15.fwd_flops + SD15.lora_fwd_flops(32, ("to_q", "to_k", "to_v", "to_out.0")) + bwd) \
+        + 10 * SD15.fwd_flops
+    assert measured and row["unet_tflops"] == pytest.approx(flops / row["step_s"] / 1e12)
+    assert row["mfu"] == pytest.approx(row["unet_tflops"] / 989.0)
+
+    thr = gpu_check.unet_throughput([{"impl": "fastdense", "compiled": False, "batch": 8, "steps": 50,
+                                      "seconds_per_trajectory": 0.5}], GPUS["h200"])
+    assert thr[0]["unet_tflops"] == pytest.approx(50 * 2 * SD15.fwd_flops / 0.5 / 1e12)  # 160.7 TFLOP/s
+    report = {"date": "2026-12-04", "dry_run": False, "device": "cuda", "env": {"gpu": "NVIDIA H200"},
+              "triton_mode": "compiled", "wall_s": 300.0, "copy_bandwidth_gbps": 4200.0, "correctness": [],
+              "kernels": [], "model": [], "model_notes": [], "model_gpu": "H200 SXM 141GB",
+              "targets": [{"target": "triton fwd >= 0.8 copy bw (bf16, n=1024)", "value": 0.85, "model": 0.9,
+                           "ok": True}],
+              "sampler": [], "unet_throughput": thr, "train_step": row, "skipped": [], "failures": []}
+    md = gpu_check.markdown_report(report)
+    assert "| triton fwd >= 0.8 copy bw (bf16, n=1024) | 0.85 | 0.9 | yes |" in md
+    assert "161" in md and "## Training step" in md and "(nothing)" in md
+
+
+def test_dry_run_needs_neither_diffusers_nor_deepspeed(tmp_path):
+    """What a bare GPU image has is enough: without diffusers and deepspeed the check still runs, and
+    says in the report what it skipped."""
+    code = ("import sys\n"
+            "for name in ('diffusers', 'deepspeed'):\n"
+            "    sys.modules[name] = None  # import fails as if not installed\n"
+            "from fastdense.benchmarks import gpu_check\n"
+            f"sys.exit(gpu_check.main(['--dry-run', '--json', {str(tmp_path / 'r.json')!r}]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    skipped = "\n".join(report["skipped"])
+    assert "sampler: diffusers is not importable" in skipped and "training step: diffusers is not importable" in skipped
+    assert "deepspeed is not importable" in skipped
+    assert all(c["ok"] for c in report["correctness"]) and report["kernels"]
+    assert "diffusers is not importable" in (tmp_path / "r.md").read_text()
