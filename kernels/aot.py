@@ -221,17 +221,8 @@ def _log_ratio_launches(lr, ec: str, x: str, cfg: bool, mean: bool, n: int, d: i
 
 
 def _ddim_config(dd, d: int) -> tuple[int, int, int]:
-    """(BLOCK_SIZE, n_chunks, num_warps) as ``ddim_step_triton`` picks them for items of ``d`` elements
-    (it has no launch-config function of its own; tests/test_kernel_static_report.py checks this
-    against its real launches)."""
-    import triton
-
-    block = min(dd.DEFAULT_BLOCK_SIZE, triton.next_power_of_2(d))
-    n_chunks = triton.cdiv(d, block)
-    while n_chunks > dd._MAX_GRID_DIM1:
-        block *= 2
-        n_chunks = triton.cdiv(d, block)
-    return block, n_chunks, 4 if block <= 1024 else 8
+    """(BLOCK_SIZE, n_chunks, num_warps) as ``ddim_step_triton`` picks them for items of ``d`` elements."""
+    return dd._launch_config(d)
 
 
 def _ddim_launch(dd, x: str, eps: str, cfg: bool, n: int, d: int, out: str | None = None,

@@ -117,6 +117,20 @@ if triton is not None:
         tl.store(partial_ptr + row * n_chunks + chunk, tl.sum(r * r, axis=0))
 
 
+def _launch_config(d: int, block_size: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_SIZE, chunks per item, num_warps) for items of ``d`` elements (also what the AOT compile
+    and the static report use)."""
+    block = block_size or min(DEFAULT_BLOCK_SIZE, triton.next_power_of_2(d))
+    if block & (block - 1):
+        raise ValueError(f"block_size={block_size} must be a power of two")
+    n_chunks = triton.cdiv(d, block)
+    if block_size is None:
+        while n_chunks > _MAX_GRID_DIM1:  # CUDA limits grid dim 1 to 65535
+            block *= 2
+            n_chunks = triton.cdiv(d, block)
+    return block, n_chunks, 4 if block <= 1024 else 8
+
+
 def ddim_step_triton(
     x: Tensor,
     eps_cond: Tensor,
@@ -139,14 +153,7 @@ def ddim_step_triton(
     eu2 = eps_uncond.reshape(n, d) if eps_uncond is not None else ec2
     if out2.data_ptr() != out.data_ptr() or (n > 1 and out2.stride(0) != out.stride(0)):  # pragma: no cover
         raise AssertionError("out could not be viewed as [B, D]; it must be written in place")
-    block = block_size or min(DEFAULT_BLOCK_SIZE, triton.next_power_of_2(d))
-    if block & (block - 1):
-        raise ValueError(f"block_size={block_size} must be a power of two")
-    n_chunks = triton.cdiv(d, block)
-    if block_size is None:
-        while n_chunks > _MAX_GRID_DIM1:  # CUDA limits grid dim 1 to 65535
-            block *= 2
-            n_chunks = triton.cdiv(d, block)
+    block, n_chunks, num_warps = _launch_config(d, block_size)
     w = torch.full_like(coef_a, guidance)
     coefs = torch.stack((coef_a, coef_b, sigma, w)).contiguous()  # [4, B]
     partials = torch.empty((n, n_chunks), dtype=acc, device=x.device)
@@ -169,7 +176,7 @@ def ddim_step_triton(
         BLOCK_SIZE=block,
         HAS_CFG=eps_uncond is not None,
         ACC_FP64=acc == torch.float64,
-        num_warps=4 if block <= 1024 else 8,
+        num_warps=num_warps,
         enable_fp_fusion=_FP_FUSION,
     )
     return partials.sum(dim=1)
