@@ -248,7 +248,10 @@ def _log_ratio_bwd_kernel(
 # ---------------------------------------------------------------------------
 # Launchers
 
-_TARGET_PROGRAMS = 1024  # enough (N × chunk) programs to fill a large GPU a few times over
+# (N × chunk) programs per launch: ~8 per SM on an H100 (132 SMs), about half of its resident-block
+# slots at 4 warps (`fastdense profile kernels --static`); each keeps 16-byte loads in flight. Raising it
+# changes the reduction's partition (results move in the last bits): measure on a GPU first.
+_TARGET_PROGRAMS = 1024
 _BLOCK_N = 128
 # FMA contraction (a·b + c as one fused multiply-add, rounded once) in all three kernels: on, as
 # Triton <= 3.9 compiles by default, so results stay what they were (the residual A·x + B·ε̂ and
