@@ -36,6 +36,12 @@ import sys
 import time
 import traceback
 
+if __name__ == "__main__" and not __package__:  # run as `python benchmarks/gpu_check.py`
+    # Python put benchmarks/ first on sys.path, where our kernels.py would shadow Hugging Face's
+    # `kernels` package (diffusers and transformers import it); fastdense.benchmarks is this folder anyway.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _here]
+
 SD15_SHAPE = (4, 64, 64)
 DRY_SHAPE = (4, 8, 8)
 TINY_UNET = dict(  # the --dry-run stand-in for the SD1.5 UNet: same blocks, tiny widths

@@ -84,6 +84,21 @@ def test_stored_forward_flops_and_layer_table_are_measured():
     assert m["lora_groups"] == {k: (g.layers, g.io, g.flops_io, g.max_dim) for k, g in SD15.lora_groups.items()}
 
 
+def test_lora_count_is_what_add_lora_makes_on_the_sd15_unet():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from fastdense.benchmarks.sampler import SD15_UNET
+    from fastdense.lora import add_lora, trainable_parameters
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    cfg = build_config(preset="sd15-multi")
+    targets = cfg.model.lora_targets or list(SD15.default_lora_targets)
+    add_lora(unet, cfg.model.lora_rank, None, targets)
+    assert sum(p.numel() for p in trainable_parameters(unet)) == SD15.lora_params(cfg.model.lora_rank, targets)
+
+
 def test_presets_plug_in_by_model_path():
     assert backbone_for("runwayml/stable-diffusion-v1-5") is SD15
     with pytest.raises(ValueError, match="has no measured costs"):
