@@ -110,8 +110,12 @@ def kernels(
     if spec is not None:
         import torch
 
-        device_name = torch.cuda.get_device_name(dev)
-        dict_rows += print_bandwidth_model(spec, ns, dtypes, ops, kernel_rows=rows, device_name=device_name)
+        from fastdense.benchmarks.timing import copy_bandwidth_gbps
+
+        copy = copy_bandwidth_gbps(dev)  # of_copy against the copy this GPU reaches, not the assumed one
+        dict_rows += print_bandwidth_model(spec, ns, dtypes, ops, kernel_rows=rows,
+                                           device_name=torch.cuda.get_device_name(dev), copy_gbps=copy,
+                                           note=f"measured device-to-device copy: {copy:.0f} GB/s (of_copy uses it)")
     write_json(dict_rows, json_path)
 
 
