@@ -35,7 +35,7 @@ class RealShape:
     model: str  # the hub id whose config this is
     denoiser_class: str
     config: dict[str, Any]
-    resolution: int  # pixels; latents are resolution / 8
+    resolution: int  # pixels (the family preset's); latents are resolution / 8
     latent_channels: int
     tokens: int  # conditioning tokens per prompt
     token_dim: int
@@ -50,7 +50,7 @@ REAL_SHAPES: dict[str, RealShape] = {
              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
         512, 4, 77, 768, 0,
-    ),
+    ),  # the sd15-* presets' 512 px
     "sdxl": RealShape(
         "stabilityai/stable-diffusion-xl-base-1.0", "UNet2DConditionModel",
         dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=2048,
@@ -61,22 +61,22 @@ REAL_SHAPES: dict[str, RealShape] = {
              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
         1024, 4, 77, 2048, 1280,
-    ),
+    ),  # the sdxl preset's 1024 px
     "sd3": RealShape(
         "stabilityai/stable-diffusion-3.5-medium", "SD3Transformer2DModel",
         dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
              num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
              pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
              dual_attention_layers=tuple(range(13))),
-        1024, 16, 77 + 256, 4096, 2048,
-    ),
+        512, 16, 77 + 256, 4096, 2048,
+    ),  # the sd35-medium preset's 512 px (Flow-GRPO's)
     "flux": RealShape(
         "black-forest-labs/FLUX.1-dev", "FluxTransformer2DModel",
         dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
              num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
              axes_dims_rope=(16, 56, 56)),
-        1024, 16, 512, 4096, 768,
-    ),
+        512, 16, 512, 4096, 768,
+    ),  # the flux-dev preset's 512 px
 }
 #: what the flow families' step tables come from (their schedulers' configs)
 FLOW_SCHEDULERS = {
@@ -138,7 +138,14 @@ def build_real_backbone(family: str, device: torch.device, dtype: torch.dtype, *
 
     shape = REAL_SHAPES[family]
     torch.manual_seed(0)
-    denoiser = _denoiser_class(shape.denoiser_class)(**shape.config).to(device=device, dtype=dtype).eval()
+    # built on the device in the model dtype: FLUX's 11.9 B parameters never pass through fp32 host memory
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            denoiser = _denoiser_class(shape.denoiser_class)(**shape.config).eval()
+    finally:
+        torch.set_default_dtype(previous)
     denoiser.requires_grad_(False)
     encoder = RandomConditioning(shape, device=device, dtype=dtype).cache
     side = (resolution or shape.resolution) // 8

@@ -14,7 +14,10 @@
    reaches (from the measured FLOPs of fastdense.benchmarks.scaling);
 5. one training step at SD1.5 shapes with random weights (needs diffusers): UNet + LoRA of the
    sd15-multi preset, π_init reference pass, fused log-ratio, ListMLE, backward, AdamW; its
-   FLOP/s and MFU (the scaling model's MFU assumption, measured).
+   FLOP/s and MFU (the scaling model's MFU assumption, measured);
+6. every model family (SD 1.5, SDXL, SD3.5 Medium, FLUX.1-dev) at its published shapes with random
+   weights (fastdense.benchmarks.families; needs diffusers): one sampling step through the family's
+   backbone and fused step, one LoRA training micro-batch through the fused log-ratio op.
 
 Writes one JSON and one markdown report. Exit code 1 when a correctness check fails.
 
@@ -62,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sampler-compile", action="store_true",
                         help="also time the torch.compile'd sampler (minutes of compilation)")
     parser.add_argument("--no-train", action="store_true", help="skip the training step")
+    parser.add_argument("--no-families", action="store_true",
+                        help="skip the model families (SD1.5, SDXL, SD3.5, FLUX at real shapes)")
     parser.add_argument("--model", default=None, help="a100, h100 or h200 for the bandwidth model "
                         "(default: from the GPU's name; h100 in --dry-run without one)")
     parser.add_argument("--dry-run", action="store_true",
@@ -317,6 +322,9 @@ def markdown_report(report: dict) -> str:
     lines += _md_table([train] if train else [], ["unet", "items", "unet_rows", "lora_rank", "dtype", "step_s",
                                                   "items_per_s", "peak_mem_mb", "unet_tflops", "mfu",
                                                   "losses_finite"])
+    lines += ["## Model families (a sampling step and a LoRA training micro-batch)", ""]
+    lines += _md_table(report.get("families", []), ["family", "model", "latent", "batch", "sample_step_ms",
+                                                    "train_microbatch_ms", "peak_mem_mb"])
     lines += ["## Skipped", ""]
     lines += [f"- {s}" for s in report["skipped"]] or ["(nothing)"]
     lines += ["", "## Failures", ""]
@@ -469,6 +477,20 @@ def main(argv=None) -> int:
                                                                                repeats=1 if dry else 3))
         if report["train_step"] is not None and not report["train_step"]["losses_finite"]:
             report["failures"].append("training step: non-finite loss")
+    if args.no_families:
+        report["skipped"].append("model families: --no-families")
+    elif no_diffusers:
+        report["skipped"].append(f"model families: diffusers is not importable ({no_diffusers})")
+    else:
+        import tempfile
+
+        from fastdense.benchmarks.families import run_family_benchmarks
+
+        with tempfile.TemporaryDirectory() as tmp:
+            families = section("model families", lambda: run_family_benchmarks(
+                device, dry_run=dry, batch=2 if dry else 4, repeats=1 if dry else 3, workdir=tmp,
+                progress=lambda m: print(m, flush=True)))
+        report["families"] = [r.as_dict() for r in families or []]
     no_ds = _importable("deepspeed")
     report["skipped"].append("the DeepSpeed engine: not used (the training step runs plain AdamW)"
                              + (f"; deepspeed is not importable ({no_ds})" if no_ds else ""))

@@ -138,3 +138,17 @@ def test_dry_run_needs_neither_diffusers_nor_deepspeed(tmp_path):
     assert "deepspeed is not importable" in skipped
     assert all(c["ok"] for c in report["correctness"]) and report["kernels"]
     assert "diffusers is not importable" in (tmp_path / "r.md").read_text()
+
+
+def test_dry_run_times_every_model_family(dry_run):
+    _, out = dry_run
+    report = json.loads((out / "report.json").read_text())
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        assert any(s.startswith("model families: diffusers is not importable") for s in report["skipped"])
+        return
+    rows = report["families"]
+    assert [r["family"] for r in rows] == ["sd", "sdxl", "sd3", "flux"]
+    assert all(r["sample_step_ms"] > 0 and r["train_microbatch_ms"] > 0 for r in rows)
+    assert "## Model families" in (out / "report.md").read_text()
