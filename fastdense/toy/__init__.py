@@ -26,7 +26,9 @@ The shipped flow model (:func:`shipped_flow_model_dir`, ``fastdense/toy/weights_
 same world in SD3's layout (``FastdensePixelSD3Pipeline``: an ``SD3Transformer2DModel`` on the
 [3, 16, 16] pixels, two CLIP text encoders, no T5, no VAE, ``FlowMatchEulerDiscreteScheduler``),
 sampled by default with the ``DEFAULT_FLOW_*`` settings; :func:`sampling_defaults` picks a toy
-model's defaults from its directory. Its held-out fidelity is recorded in its ``toy_info.json``.
+model's defaults from its directory. Its held-out colour fidelity with them (Flow-GRPO's SDE,
+a = 0.7, 10 steps, guidance 1.5, the same prompts and seeds) is 0.780 (ODE: 0.790; guidance 3:
+0.87-0.89; guidance 1: 0.57), recorded in its ``toy_info.json``.
 """
 
 from __future__ import annotations
