@@ -70,19 +70,22 @@ def default_model(model: str | None, runs: list[Config]) -> str:
     return str(shipped_model_dir())
 
 
-def sampling_defaults(model: str, runs: list[Config]) -> tuple[int, float, float, int]:
-    """(steps, guidance, eta, micro-batch): the first run's sampling settings (its micro-batch too, so
-    the numbers match its own evaluation bit for bit); else the toy model's (and the toy preset's
-    micro-batch: a tiny UNet call costs little more for 128 images than for 8); else 50, 7.5, 1, 8."""
+def sampling_defaults(model: str, runs: list[Config]) -> tuple[int, float, float, int, str | None]:
+    """(steps, guidance, eta, micro-batch, sampler): the first run's sampling settings (its micro-batch
+    too, so the numbers match its own evaluation bit for bit); else the toy model's (the SD toy's DDIM
+    or the flow toy's SDE defaults, and the toy preset's micro-batch: a tiny model call costs little
+    more for 128 images than for 8); else 50, 7.5, 1, 8 and the scheduler's own sampler."""
     from fastdense.config import build_config
-    from fastdense.toy import DEFAULT_ETA, DEFAULT_GUIDANCE, DEFAULT_STEPS, is_toy_model
+    from fastdense.toy import is_toy_model
+    from fastdense.toy import sampling_defaults as toy_sampling
 
     if runs:
         s = runs[0].sampling
-        return s.num_steps, s.guidance, s.eta, s.micro_batch
+        return s.num_steps, s.guidance, s.eta, s.micro_batch, s.sampler
     if is_toy_model(model):
-        return DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_ETA, build_config("toy").sampling.micro_batch
-    return 50, 7.5, 1.0, 8
+        d = toy_sampling(model)
+        return d.steps, d.guidance, d.eta, build_config("toy").sampling.micro_batch, d.sampler
+    return 50, 7.5, 1.0, 8, None
 
 
 def default_rewards(model: str, runs: list[Config]) -> list[str]:
@@ -203,12 +206,11 @@ def eval(
     aligned = contenders(list(lora or []), list(label or []))
     runs = [cfg for cfg in map(run_config, aligned) if cfg is not None]
     model = default_model(model, runs)
-    d_steps, d_guidance, d_eta, d_micro_batch = sampling_defaults(model, runs)
+    d_steps, d_guidance, d_eta, d_micro_batch, d_sampler = sampling_defaults(model, runs)
     steps, guidance = d_steps if steps is None else steps, d_guidance if guidance is None else guidance
     eta, micro_batch = d_eta if eta is None else eta, d_micro_batch if micro_batch is None else micro_batch
     check_args(steps=steps, guidance=guidance, num_images=1, eta=eta, micro_batch=micro_batch)
-    if sampler_kind is None and runs:
-        sampler_kind = runs[0].sampling.sampler
+    sampler_kind = d_sampler if sampler_kind is None else sampler_kind
     check_sampler(sampler_kind)
     x0_steps = parse_steps(trajectory_steps, steps) if trajectories else []
     groups = prompt_groups(seen_source=seen_prompts_file, unseen_source=prompts_file, runs=runs, model_path=model,

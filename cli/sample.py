@@ -104,8 +104,9 @@ def sample(
         float | None, typer.Option("--guidance", help="CFG scale, 1 = none (default 7.5; toy model 3).")
     ] = None,
     eta: Annotated[
-        float, typer.Option("--eta", help="DDIM eta, or a flow sampler's noise level (1 = stochastic, as in training).")
-    ] = 1.0,
+        float | None,
+        typer.Option("--eta", help="DDIM eta, or a flow sampler's noise level (default 1; a toy model's own)."),
+    ] = None,
     sampler_kind: Annotated[
         str | None,
         typer.Option("--sampler", help="ddim (SD, SDXL); ode, sde or cps (SD3, FLUX); default: the scheduler's own."),
@@ -132,12 +133,17 @@ def sample(
     ] = False,
 ) -> None:
     """Generate images (DDIM, or a flow-matching sampler) with classifier-free guidance; writes PNGs and a grid."""
-    if model is None:  # the shipped toy model, with its own sampling defaults
-        from fastdense.toy import DEFAULT_GUIDANCE, DEFAULT_STEPS, shipped_model_dir
+    from fastdense.toy import is_toy_model, sampling_defaults, shipped_model_dir
 
+    if model is None:
         model = str(shipped_model_dir())
-        steps = DEFAULT_STEPS if steps is None else steps
-        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    if is_toy_model(model):  # a toy model (SD or flow), with its own sampling defaults
+        toy = sampling_defaults(model)
+        steps = toy.steps if steps is None else steps
+        guidance = toy.guidance if guidance is None else guidance
+        eta = toy.eta if eta is None else eta
+        sampler_kind = toy.sampler if sampler_kind is None else sampler_kind
+    eta = 1.0 if eta is None else eta
     steps = 50 if steps is None else steps
     guidance = 7.5 if guidance is None else guidance
     check_args(steps=steps, guidance=guidance, num_images=num_images, eta=eta, micro_batch=micro_batch)
