@@ -249,3 +249,23 @@ def test_shipped_flow_model_in_the_sd3_pipeline():
     assert latents.shape == (len(prompts), 3, 16, 16)
     scores = ColorFidelity().score_batch((latents / 2 + 0.5).clamp(0, 1), prompts)
     _check_fidelity(float(scores.mean()), info["ode_seeds_1000_1003"])
+
+
+@pytest.mark.slow
+def test_toy_flow_preset_trains_the_shipped_flow_model(tmp_path, run_cli):
+    """`fastdense train --preset toy-flow`, shortened: the shipped flow model trained on its SDE chain
+    through the CLI; the run records the sampler it used and writes an SD3-family LoRA. (The full
+    job's fresh-seed result is measured in the README, "The flow-matching toy model".)"""
+    sets = ["train.rounds=1", "train.prompts_per_round=8", "train.updates_per_round=2", "train.groups_per_step=4",
+            "eval.every_rounds=0", "eval.paired_seeds=0", "data.eval_seeds=[1000]", "run.checkpoint_every=1000",
+            "objective.min_reward_gap=0"]
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--preset", "toy-flow", *[a for s in sets for a in ("--set", s)],
+                            "--out", out, "--no-progress"])
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["sampling"]["sampler"] == "sde" and config["model"]["path"].endswith("shipped_flow_model_dir")
+    assert json.loads((out / "lora" / "fastdense_lora.json").read_text()) == {"family": "sd3",
+                                                                             "prefix": "transformer"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["skipped_updates"] == 0
