@@ -44,7 +44,7 @@ from fastdense.toy.flow_model import (
     save_flow_model,
     sd3_conditioning,
 )
-from fastdense.toy.pretrain import PretrainConfig, PretrainResult, _lr_factor, make_batch
+from fastdense.toy.pretrain import PretrainConfig, PretrainResult, make_batch, optimizer_step
 from fastdense.toy.world import render_batch
 
 __all__ = ["TIME_SAMPLINGS", "FlowPretrainConfig", "pretrain_flow", "sample_noise_levels"]
@@ -157,17 +157,7 @@ def pretrain_flow(
                                pooled_projections=pooled, return_dict=False)[0]
             loss = F.mse_loss(pred, noise - x0)
 
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * _lr_factor(step, shared)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            with torch.no_grad():
-                decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
-            losses.append(float(loss.detach()))
+            losses.append(optimizer_step(loss, optimizer, params, ema, step, shared))
             if progress is not None:
                 progress(step, losses[-1])
 

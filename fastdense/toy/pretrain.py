@@ -114,6 +114,24 @@ def _lr_factor(step: int, config: PretrainConfig) -> float:
     return config.min_lr_fraction + (1.0 - config.min_lr_fraction) * cosine
 
 
+def optimizer_step(loss, optimizer, params, ema, step: int, config: PretrainConfig) -> float:
+    """One update of a toy model's pretraining (the SD toy's and the flow toy's): the warm-up + cosine
+    learning rate, backward, gradient clipping, AdamW, the EMA of the weights; returns the loss."""
+    import torch
+
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * _lr_factor(step, config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
+    return float(loss.detach())
+
+
 def pretrain(
     out: str | Path,
     config: PretrainConfig = PretrainConfig(),
@@ -172,17 +190,7 @@ def pretrain(
             pred = unet(xt, t, encoder_hidden_states=emb, return_dict=False)[0]
             loss = F.mse_loss(pred, noise)
 
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * _lr_factor(step, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            with torch.no_grad():
-                decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
-            losses.append(float(loss.detach()))
+            losses.append(optimizer_step(loss, optimizer, params, ema, step, config))
             if progress is not None:
                 progress(step, losses[-1])
 
