@@ -164,11 +164,12 @@ def build_tiny_backbone(family: str, device: torch.device, dtype: torch.dtype, w
     """(backbone, latent shape, scheduler config) of the family's tiny test pipeline (a CPU dry run)."""
     from pathlib import Path
 
-    from fastdense.benchmarks.sampler import build_tiny_family
+    from fastdense.benchmarks.sampler import TINY_RESOLUTION, build_tiny_family
     from fastdense.models import load_pipeline_parts
     from fastdense.models.families import backbone_for
 
-    parts = load_pipeline_parts(build_tiny_family(family, Path(workdir) / family), dtype=dtype, device=device)
+    parts = load_pipeline_parts(build_tiny_family(family, Path(workdir) / family), dtype=dtype, device=device,
+                                resolution=TINY_RESOLUTION.get(family))
     return backbone_for(parts), parts.latent_shape, parts.scheduler_config
 
 

@@ -102,6 +102,8 @@ TINY_BUILDERS = {
     "flux": "fastdense.models.tiny_flux:build_tiny_flux_pipeline",
 }
 BACKBONES = tuple(TINY_BUILDERS)
+#: image size of a family's tiny pipeline where its config has none (FLUX's default would be 1024 px)
+TINY_RESOLUTION = {"flux": 16}
 
 
 def build_tiny_family(backbone: str, root: Path) -> Path:
@@ -126,7 +128,7 @@ def build_benchmark_parts(device: torch.device, gpu_shapes: bool, workdir: Path,
     if gpu_shapes and backbone != "sd":
         raise FastdenseError(f"--gpu-shapes is SD1.5's; for --backbone {backbone} use the tiny shapes (--tiny)")
     path = build_tiny_family(backbone, workdir / "tiny")
-    parts = load_pipeline_parts(path, dtype=dtype, device=device)
+    parts = load_pipeline_parts(path, dtype=dtype, device=device, resolution=TINY_RESOLUTION.get(backbone))
     if gpu_shapes:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel

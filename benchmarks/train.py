@@ -137,7 +137,7 @@ def run_train_benchmarks(device: torch.device, *, repeats: int = 3, num_steps: i
                          k: int = 4, groups_per_step: int = 1, progress=None, backbone: str = "sd") -> list[TrainRow]:
     """Our training step against the naive one on the family's tiny pipeline (``backbone``: sd,
     sdxl, sd3, flux; the flow families train on their SDE chain)."""
-    from fastdense.benchmarks.sampler import build_tiny_family
+    from fastdense.benchmarks.sampler import TINY_RESOLUTION, build_tiny_family
     from fastdense.config import build_config
     from fastdense.train import Trainer
 
@@ -152,6 +152,7 @@ def run_train_benchmarks(device: torch.device, *, repeats: int = 3, num_steps: i
             f"train.groups_per_step={groups_per_step}", "train.grad_accum=1", "optim.zero_stage=0",
             "reward.name=aesthetic_proxy", f"run.device={device.type}",
             "data.prompts=[a red circle, a blue square]", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0]",
+            *([f"model.resolution={TINY_RESOLUTION[backbone]}"] if backbone in TINY_RESOLUTION else []),
         ])
         trainer = Trainer(cfg, Path(tmp) / "run", progress=False)
         if progress:
