@@ -283,3 +283,28 @@ def test_a_lora_of_another_family_is_one_line_in_the_cli(sd3_dir, tiny_dir, tmp_
                             "--steps", "2"])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "trained on a 'sd' model" in err, err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_of_a_transformer_writes_it_under_its_own_name(sd3_dir, tmp_path):
+    """model.lora_rank = 0 on a flow model: every transformer weight trains (the π_init reference is a
+    frozen copy), and the run writes the transformer as transformer/, loadable by diffusers."""
+    from diffusers import SD3Transformer2DModel
+
+    from fastdense.rewards import Brightness
+    from fastdense.train import train
+
+    cfg = build_config(overrides=[
+        f"model.path={sd3_dir}", "model.lora_rank=0", "sampling.num_steps=3", "sampling.guidance=2.0",
+        "sampling.eta=0.7", "sampling.rollouts_per_prompt=2", "objective.group_size=2", "objective.k=2",
+        "objective.clip=inf", "train.rounds=1", "train.updates_per_round=1", "train.prompts_per_round=1",
+        "train.groups_per_step=1", "optim.lr=0.01", "optim.zero_stage=0", "data.prompts=[a red cat, the dog]",
+        "data.eval_prompts=[a red cat]", "data.eval_seeds=[1]",
+    ])
+    result = train(cfg, tmp_path / "run", reward=Brightness(), progress=False)
+    assert result.steps == 1 and result.skipped_updates == 0 and result.output.name == "transformer"
+    trained = SD3Transformer2DModel.from_pretrained(str(result.output))
+    base = SD3Transformer2DModel.from_pretrained(str(sd3_dir / "transformer"))
+    pairs = zip(trained.named_parameters(), base.parameters(), strict=True)
+    moved = [name for (name, p), q in pairs if not torch.equal(p, q)]
+    assert moved  # full fine-tuning changed base weights

@@ -185,7 +185,10 @@ class OutputsMixin:
             output = save_lora(self.unet, self.run_dir / "lora", prefix=self.backbone.lora_prefix,
                                family=self.backbone.family).parent
         else:
-            output = self.run_dir / "unet"
+            from fastdense.models.families import family_named
+
+            # the denoiser under its model_index.json name: unet/ (SD, SDXL) or transformer/ (SD3, FLUX)
+            output = self.run_dir / family_named(self.backbone.family).denoiser
             self.unet.save_pretrained(str(output))
         after_grid = self._eval_grid(after.images)
         after_grid.save(self.run_dir / "eval_after.png")
