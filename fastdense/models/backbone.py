@@ -18,9 +18,10 @@ wraps the SD 1.x/2.x ``UNet2DConditionModel``; ``fastdense.models.families`` map
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from fastdense.errors import FastdenseError
 
@@ -108,58 +109,6 @@ class CFGBatch:
         return (out[:n], out[rows : rows + n]) if self.cfg else (None, out[:n])
 
 
-class Backbone(Protocol):
-    """What the sampler and the trainer need from a model family.
-
-    ``module`` is the callable denoiser used by default (maybe torch.compile'd); every call takes
-    ``module=`` to run another one with the same weights layout (the DeepSpeed engine, a frozen
-    reference copy). Conditioning comes back in the model's dtype on its device.
-    """
-
-    family: str
-    flow: bool
-    guidance_distilled: bool
-    lora_prefix: str
-    default_lora_targets: tuple[str, ...]
-    module: Any
-    denoiser: Any
-    encoder: Any
-    dtype: torch.dtype
-    device: torch.device
-
-    def encode(self, prompts: Sequence[str]) -> Tensor: ...
-
-    def unconditional(self) -> Tensor: ...
-
-    def uses_cfg(self, guidance: float) -> bool: ...
-
-    def table_options(self, latent_shape: tuple[int, ...]) -> dict[str, Any]: ...
-
-    def batch(
-        self,
-        cond: Tensor,
-        *,
-        cfg: bool,
-        rows: int | None = None,
-        x_rows: Tensor | None = None,
-        guidance: float | None = None,
-    ) -> CFGBatch: ...
-
-    def output(self, batch: CFGBatch, t: Tensor, *, module: Any = None) -> tuple[Tensor | None, Tensor]: ...
-
-    def __call__(
-        self,
-        x: Tensor,
-        t: Tensor,
-        cond: Tensor,
-        *,
-        cfg: bool,
-        rows: int | None = None,
-        module: Any = None,
-        guidance: float | None = None,
-    ) -> tuple[Tensor | None, Tensor]: ...
-
-
 def pack_conditioning(tokens: Tensor, pooled: Tensor) -> Tensor:
     """Token embeddings ``[n, L, D]`` and pooled embeddings ``[n, P]`` as ONE tensor ``[n, L+1, W]``
     (W = max(D, P), zero padded): the pooled vector is the last row.
@@ -188,7 +137,7 @@ def unpack_conditioning(context: Tensor, token_dim: int, pooled_dim: int) -> tup
     return context[:, :-1, :token_dim], context[:, -1, :pooled_dim]
 
 
-class ConditionedBackbone:
+class ConditionedBackbone(abc.ABC):
     """What every family shares: the prompt-embedding cache (``encoder``: anything with
     ``encode(prompts) -> [N, L, D]``, ``unconditional() -> [L, D]``, ``clear()`` and ``in``) and the
     CFG batching; a family defines :meth:`forward` (one model call on prepared rows) and its facts.
@@ -209,12 +158,15 @@ class ConditionedBackbone:
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     #: latent sizes must be a multiple of this (a transformer's patch size)
     latent_multiple: int = 1
+    #: widths of packed conditioning (families with a pooled vector set both; :meth:`unpacked`)
+    token_dim: int = 0
+    pooled_dim: int = 0
 
     @classmethod
+    @abc.abstractmethod
     def from_parts(cls, parts, *, module: Any = None, encoder: Any = None) -> ConditionedBackbone:
         """The backbone of loaded ``PipelineParts`` of this family (``encoder``: an embedding cache
         to use instead of the family's own)."""
-        raise NotImplementedError
 
     @classmethod
     def latent_geometry(cls, denoiser) -> tuple[int, tuple[int, int]]:
@@ -231,6 +183,8 @@ class ConditionedBackbone:
         self.dtype: torch.dtype = param.dtype
         self.device: torch.device = param.device
         self._uncond: Tensor | None = None
+        # (context, its version, tokens, pooled) of the last batch: its conditioning unpacked once
+        self._unpacked: tuple[Tensor, int, Tensor, Tensor] | None = None
 
     # -- conditioning ----------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> Tensor:
@@ -242,6 +196,18 @@ class ConditionedBackbone:
         if self._uncond is None or "" not in self.encoder:  # encoder.clear() drops it: encode again
             self._uncond = self.encoder.unconditional().to(device=self.device, dtype=self.dtype)
         return self._uncond
+
+    def unpacked(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """(tokens, pooled) of packed conditioning rows, contiguous as the pipelines pass them (a
+        strided view rounds differently in bf16). Unpacked once per batch: the sampler calls the model
+        T times on one batch; an in-place change of the context bumps its version and unpacks again."""
+        cached = self._unpacked
+        if cached is not None and cached[0] is context and cached[1] == context._version:
+            return cached[2], cached[3]
+        tokens, pooled = unpack_conditioning(context, self.token_dim, self.pooled_dim)
+        tokens, pooled = tokens.contiguous(), pooled.contiguous()
+        self._unpacked = (context, context._version, tokens, pooled)
+        return tokens, pooled
 
     def uses_cfg(self, guidance: float) -> bool:
         """Whether sampling / training with ``guidance`` runs the unconditional branch."""
@@ -292,10 +258,10 @@ class ConditionedBackbone:
             context[:rows].copy_(self.unconditional().unsqueeze(0).expand(rows, -1, -1))
         return CFGBatch(context=context, n=n, rows=rows, cfg=bool(cfg), x=x_rows, guidance=guidance)
 
+    @abc.abstractmethod
     def forward(self, module: Any, x: Tensor, t: Tensor, batch: CFGBatch) -> Tensor:
         """One call of ``module`` on the loaded rows ``x`` at model timesteps ``t`` (``()`` or one per
         row) with ``batch.context``: the model output, shaped like ``x``."""
-        raise NotImplementedError
 
     def output(self, batch: CFGBatch, t: Tensor, *, module: Any = None) -> tuple[Tensor | None, Tensor]:
         """One model call on the loaded batch at timesteps ``t``: ``(out_uncond or None, out_cond)``."""
@@ -339,3 +305,7 @@ class UNetBackbone(ConditionedBackbone):
 
     def forward(self, module: Any, x: Tensor, t: Tensor, batch: CFGBatch) -> Tensor:
         return module(x, t, encoder_hidden_states=batch.context, return_dict=False)[0]
+
+
+#: What the sampler and the trainer need from a model family: the base class's interface.
+Backbone = ConditionedBackbone

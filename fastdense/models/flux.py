@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fastdense.errors import FastdenseError
-from fastdense.models.backbone import CFGBatch, ConditionedBackbone, pack_conditioning, unpack_conditioning
+from fastdense.models.backbone import CFGBatch, ConditionedBackbone, pack_conditioning
 from fastdense.models.prompts import EmbeddingCache
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ class FluxBackbone(ConditionedBackbone):
         import torch
 
         rows, _, height, width = x.shape
-        tokens, pooled = unpack_conditioning(batch.context, self.token_dim, self.pooled_dim)
+        tokens, pooled = self.unpacked(batch.context)
         guidance = None
         if self.guidance_embeds:
             if batch.guidance is None:
@@ -199,8 +199,8 @@ class FluxBackbone(ConditionedBackbone):
             hidden_states=pack_latents(x),
             timestep=t.expand(rows).to(x.dtype) / 1000,
             guidance=guidance,
-            pooled_projections=pooled.contiguous(),
-            encoder_hidden_states=tokens.contiguous(),
+            pooled_projections=pooled,
+            encoder_hidden_states=tokens,
             txt_ids=torch.zeros(tokens.shape[1], 3, device=x.device, dtype=x.dtype),
             img_ids=self._image_ids(height, width, x.device, x.dtype),
             return_dict=False,

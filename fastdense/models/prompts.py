@@ -12,6 +12,7 @@ logger (with no logging configured Python prints it on stderr as it is).
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ def _clip(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class EmbeddingCache:
+class EmbeddingCache(abc.ABC):
     """Cache of conditioning tensors ``[L, D]`` keyed by prompt string; a family's encoder subclasses
     it and defines :meth:`_run` (prompts → ``[n, L, D]``: one tensor per prompt, pooled embeddings
     packed in as :func:`fastdense.models.backbone.pack_conditioning` does).
@@ -79,8 +80,9 @@ class EmbeddingCache:
                 _clip(prompt), total, max_length, limit_name, _clip(dropped, 60),
             )
 
+    @abc.abstractmethod
     def _run(self, prompts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+        """Encode ``prompts`` (none cached yet): ``[n, L, D]`` in the cache's dtype and device."""
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """Conditioning ``[len(prompts), L, D]`` (a new tensor; cached rows are not aliased)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastdense.errors import FastdenseError
-from fastdense.models.backbone import CFGBatch, ConditionedBackbone, pack_conditioning, unpack_conditioning
+from fastdense.models.backbone import CFGBatch, ConditionedBackbone, pack_conditioning
 from fastdense.models.prompts import EmbeddingCache
 
 if TYPE_CHECKING:
@@ -198,8 +198,6 @@ class SD3Backbone(ConditionedBackbone):
         self.pooled_dim = int(config.pooled_projection_dim)
         self.patch_size = int(config.patch_size)
         self.scheduler_config = dict(scheduler_config or {})
-        # (context, its version, tokens, pooled) of the last batch: its conditioning unpacked once
-        self._unpacked: tuple[Tensor, int, Tensor, Tensor] | None = None
 
     @classmethod
     def from_parts(cls, parts, *, module: Any = None, encoder: Any = None) -> SD3Backbone:
@@ -215,20 +213,8 @@ class SD3Backbone(ConditionedBackbone):
         height, width = int(latent_shape[-2]), int(latent_shape[-1])
         return {"image_seq_len": (height // self.patch_size) * (width // self.patch_size), "style": "sd3"}
 
-    def _conditioning(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        """(tokens, pooled) of packed rows, contiguous as the pipeline passes them: a strided view
-        changes the text projection's rounding in bf16. Unpacked once per batch (the sampler calls the
-        model T times on one batch); an in-place change of the context bumps its version: unpacked again."""
-        cached = self._unpacked
-        if cached is not None and cached[0] is context and cached[1] == context._version:
-            return cached[2], cached[3]
-        tokens, pooled = unpack_conditioning(context, self.token_dim, self.pooled_dim)
-        tokens, pooled = tokens.contiguous(), pooled.contiguous()
-        self._unpacked = (context, context._version, tokens, pooled)
-        return tokens, pooled
-
     def forward(self, module: Any, x: Tensor, t: Tensor, batch: CFGBatch) -> Tensor:
-        tokens, pooled = self._conditioning(batch.context)
+        tokens, pooled = self.unpacked(batch.context)
         timestep = t.expand(x.shape[0]) if t.dim() == 0 else t
         return module(
             hidden_states=x,

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastdense.errors import FastdenseError
-from fastdense.models.backbone import CFGBatch, ConditionedBackbone, pack_conditioning, unpack_conditioning
+from fastdense.models.backbone import CFGBatch, ConditionedBackbone, pack_conditioning
 from fastdense.models.prompts import EmbeddingCache
 
 if TYPE_CHECKING:
@@ -246,7 +246,6 @@ class SDXLBackbone(ConditionedBackbone):
                 f"SDXL conditioning has width {context.shape[-1]}; expected {max(self.token_dim, self.pooled_dim)} "
                 f"(token embeddings {self.token_dim}, pooled {self.pooled_dim})"
             )
-        tokens, pooled = unpack_conditioning(context, self.token_dim, self.pooled_dim)
-        # contiguous as the pipeline's tensors are (the same kernels, the same bits)
-        added = {"text_embeds": pooled.contiguous(), "time_ids": self.time_ids(x.shape[-2:], x.shape[0])}
-        return module(x, t, encoder_hidden_states=tokens.contiguous(), added_cond_kwargs=added, return_dict=False)[0]
+        tokens, pooled = self.unpacked(context)  # contiguous, as the pipeline's (the same kernels, the same bits)
+        added = {"text_embeds": pooled, "time_ids": self.time_ids(x.shape[-2:], x.shape[0])}
+        return module(x, t, encoder_hidden_states=tokens, added_cond_kwargs=added, return_dict=False)[0]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fastdense.errors import FastdenseError
-from fastdense.toy.model import TOY_PROMPT_SOURCES, _save_tokenizer, toy_tokenizer
+from fastdense.toy.model import TOY_PROMPT_SOURCES, finish_toy_dir, save_tokenizer, toy_tokenizer
 
 __all__ = [
     "FLOW_PIPELINE_CLASS",
@@ -237,19 +237,12 @@ def save_flow_model(
     transformer.save_pretrained(str(root / "transformer"), safe_serialization=True)
     text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
     text_encoder_2.save_pretrained(str(root / "text_encoder_2"), safe_serialization=True)
-    _save_tokenizer(root / "tokenizer", tokenizer)
-    _save_tokenizer(root / "tokenizer_2", tokenizer)
+    save_tokenizer(root / "tokenizer", tokenizer)
+    save_tokenizer(root / "tokenizer_2", tokenizer)
     FlowMatchEulerDiscreteScheduler(**flow_scheduler_config(shift)).save_pretrained(str(root / "scheduler"))
     write_flow_model_index(root)
     # default prompts (fastdense.data) and the T5 rows the sd3 encoder appends: none (no T5)
-    defaults = {**TOY_PROMPT_SOURCES, "max_sequence_length": 0}
-    (root / "fastdense.json").write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
-    if info is not None:
-        (root / "toy_info.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
-    for path in root.rglob("*"):
-        if path.is_file():
-            path.chmod(0o644)  # transformers writes weights 0600; package data must be readable
-    return root
+    return finish_toy_dir(root, {**TOY_PROMPT_SOURCES, "max_sequence_length": 0}, info)
 
 
 def flow_config_dict(config: FlowModelConfig) -> dict[str, Any]:

@@ -162,11 +162,17 @@ def save_toy_model(directory: str | Path, tokenizer, text_encoder, unet, info: d
     root.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(str(root / "unet"), safe_serialization=True)
     text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
-    _save_tokenizer(root / "tokenizer", tokenizer)
+    save_tokenizer(root / "tokenizer", tokenizer)
     DDIMScheduler(**toy_scheduler_config()).save_pretrained(str(root / "scheduler"))
     write_model_index(root, with_vae=False)
     # its default prompts, for `fastdense train --model DIR` without any (fastdense.data.load_prompts)
-    (root / "fastdense.json").write_text(json.dumps(TOY_PROMPT_SOURCES, indent=2, sort_keys=True) + "\n")
+    return finish_toy_dir(root, TOY_PROMPT_SOURCES, info)
+
+
+def finish_toy_dir(root: Path, model_defaults: dict[str, Any], info: dict[str, Any] | None) -> Path:
+    """A saved toy model directory's last files: ``fastdense.json`` (default prompts, model options),
+    ``toy_info.json`` (how it was trained) and readable permissions; returns ``root``."""
+    (root / "fastdense.json").write_text(json.dumps(model_defaults, indent=2, sort_keys=True) + "\n")
     if info is not None:
         (root / "toy_info.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     for path in root.rglob("*"):
@@ -175,7 +181,7 @@ def save_toy_model(directory: str | Path, tokenizer, text_encoder, unet, info: d
     return root
 
 
-def _save_tokenizer(directory: Path, tokenizer) -> None:
+def save_tokenizer(directory: Path, tokenizer) -> None:
     """``save_pretrained`` (tokenizer.json) plus the classic vocab.json / merges.txt pair."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = toy_vocab_and_merges()
