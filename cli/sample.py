@@ -79,7 +79,7 @@ def check_args(*, steps: int, guidance: float, num_images: int, eta: float, micr
 
 
 def check_sampler(kind: str | None) -> None:
-    from fastdense.schedule import SAMPLERS
+    from fastdense.config import SAMPLERS  # torch-free: flags are checked before torch loads
 
     if kind is not None and kind not in SAMPLERS:
         raise FastdenseError(f"--sampler {kind} is not allowed; allowed: {', '.join(SAMPLERS)}")

@@ -26,6 +26,7 @@ REFERENCES = ("init", "old", "both")
 REDUCTIONS = ("mean", "sum")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRAIN_SAMPLERS = ("ddim", "sde", "cps")  # samplers with a density (fastdense.schedule); "ode" is for evaluation
+SAMPLERS = (*TRAIN_SAMPLERS, "ode")  # fastdense.schedule.SAMPLERS, here without torch (the CLI checks flags early)
 
 
 @dataclass

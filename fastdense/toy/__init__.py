@@ -68,6 +68,7 @@ DEFAULT_ETA = 1.0
 #: needs a density for) with noise level a = 0.7 and 10 steps, as Flow-GRPO trains (held-out fidelity
 #: 0.780 against 0.771 with 20 steps, at half the cost); guidance 1.5 puts the shipped model at 0.78,
 #: where the SD toy starts (guidance 3: 0.88), leaving alignment room. Measured: BENCHMARKS.md.
+FLOW_PIPELINE_CLASS = "FastdensePixelSD3Pipeline"
 DEFAULT_FLOW_STEPS = 10
 DEFAULT_FLOW_GUIDANCE = 1.5
 DEFAULT_FLOW_SAMPLER = "sde"
@@ -125,8 +126,6 @@ class ToySampling:
 def sampling_defaults(model_dir: str | Path | None = None) -> ToySampling:
     """The sampling defaults of a toy model directory (None: the shipped SD toy): the flow ones
     (``DEFAULT_FLOW_*``) for an SD3-layout flow model, else the DDIM ones."""
-    from fastdense.toy.flow_model import FLOW_PIPELINE_CLASS
-
     index = None if model_dir is None else Path(model_dir).expanduser() / "model_index.json"
     if index is not None and index.is_file():
         try:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fastdense.errors import FastdenseError
+from fastdense.toy import FLOW_PIPELINE_CLASS  # noqa: F401 (defined there: torch-free)
 from fastdense.toy.model import TOY_PROMPT_SOURCES, finish_toy_dir, save_tokenizer, toy_tokenizer
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
 ]
 
 #: model_index.json's pipeline class of the toy flow model (the "sd3" family, pixel space).
-FLOW_PIPELINE_CLASS = "FastdensePixelSD3Pipeline"
 
 
 @dataclass(frozen=True)
